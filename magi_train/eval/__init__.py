@@ -1,0 +1,1 @@
+"""magi_train.eval."""
