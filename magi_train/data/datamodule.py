@@ -1,0 +1,83 @@
+"""LightningDataModule over webdataset shards of clips: packed batches, split by node and worker, resumable."""
+
+from __future__ import annotations
+
+import glob
+import logging
+from pathlib import Path
+
+import lightning as L
+
+from magi_train.config import DataConfig
+from magi_train.data.reader import ShardDataset, make_loader
+from magi_train.data.synthetic import write_synthetic_shards
+
+log = logging.getLogger(__name__)
+
+
+def resolve_urls(spec: str) -> str | list[str]:
+    """A directory means every `*.tar` in it; anything else (file, brace pattern, pipe:, url) goes to webdataset."""
+    path = Path(spec)
+    if path.is_dir():
+        tars = sorted(glob.glob(str(path / "*.tar")))
+        if not tars:
+            raise ValueError(f"data shards: directory {path} holds no .tar shards")
+        return tars
+    if "://" not in spec and not spec.startswith("pipe:") and "{" not in spec and not path.exists():
+        raise ValueError(f"data shards: {spec} does not exist (give a shard file, a directory, a brace "
+                         "pattern like shard-{000000..000009}.tar, or a url webdataset opens)")
+    return spec
+
+
+def ensure_synthetic(cfg: DataConfig) -> None:
+    """Write the synthetic train (and val) shards once; re-runs and resumes reuse them."""
+    syn = cfg.synthetic
+    targets = [(Path(cfg.train_shards), syn.num_clips, syn.seed)]
+    if cfg.val_shards:  # a held-out set from another seed, an eighth of the size
+        targets.append((Path(cfg.val_shards), max(8, syn.num_clips // 8), syn.seed + 1))
+    for out_dir, num_clips, seed in targets:
+        if out_dir.is_dir() and any(out_dir.glob("*.tar")):
+            continue
+        log.info("writing %d synthetic clips to %s", num_clips, out_dir)
+        write_synthetic_shards(
+            out_dir, num_clips=num_clips, samples_per_shard=syn.samples_per_shard, seed=seed,
+            sizes=[tuple(s) for s in syn.sizes], text_len=syn.text_len, text_dim=cfg.text_dim,
+        )
+
+
+class ClipDataModule(L.LightningDataModule):
+    def __init__(self, cfg: DataConfig):
+        super().__init__()
+        self.cfg = cfg
+        self._train: ShardDataset | None = None
+        self._pending_state: dict | None = None
+
+    def prepare_data(self) -> None:  # called on one process per node before setup
+        if self.cfg.synthetic.enabled:
+            ensure_synthetic(self.cfg)
+
+    def _dataset(self, urls: str, infinite: bool, seed: int) -> ShardDataset:
+        c = self.cfg
+        return ShardDataset(
+            resolve_urls(urls), text_dim=c.text_dim, max_tokens=c.max_tokens, max_clips=c.max_clips,
+            shuffle_buffer=c.shuffle_buffer if infinite else 0, seed=seed, infinite=infinite,
+        )
+
+    def train_dataloader(self):
+        self._train = self._dataset(self.cfg.train_shards, infinite=True, seed=self.cfg.seed)
+        if self._pending_state is not None:
+            self._train.load_state_dict(self._pending_state)
+            self._pending_state = None
+        return make_loader(self._train, self.cfg.num_workers)
+
+    def val_dataloader(self):
+        if not self.cfg.val_shards:
+            return []
+        return make_loader(self._dataset(self.cfg.val_shards, infinite=False, seed=0), num_workers=0)
+
+    # Lightning stores these in the checkpoint and hands them back on resume (before train_dataloader).
+    def state_dict(self) -> dict:
+        return self._train.state_dict() if self._train is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending_state = state or None

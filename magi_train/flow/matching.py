@@ -1,0 +1,148 @@
+"""Flow-matching math of daVinci-MagiHuman (rectified flow, x_s = (1 - s) x0 + s eps, v = eps - x0).
+
+Pure tensor functions shared by training, distillation and sampling; no Lightning, no data code.
+The model is timestep-free, so the noise level s appears only here and in the samplers.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import torch
+from torch import Tensor
+
+
+class Mode(StrEnum):
+    """Conditioning modes (DESIGN.md): text-to-video, image(first frame)-to-video, audio-to-video."""
+
+    T2V = "t2v"
+    I2V = "i2v"
+    A2V = "a2v"
+
+
+def shift_sigma(sigma: Tensor, shift: float) -> Tensor:
+    """Time shift s' = k s / (1 + (k - 1) s); k = 5 in the released sampler (spec §4.4)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def add_noise(x0: Tensor, eps: Tensor, sigma: Tensor | float) -> Tensor:
+    """The flow path x_s = (1 - s) x0 + s eps (s = 1 is pure noise)."""
+    return (1 - sigma) * x0 + sigma * eps
+
+
+def velocity_target(x0: Tensor, eps: Tensor) -> Tensor:
+    """The regression target of the model: v = eps - x0."""
+    return eps - x0
+
+
+def x0_from_velocity(x: Tensor, v: Tensor, sigma: Tensor | float) -> Tensor:
+    """x0 = x_s - s v."""
+    return x - sigma * v
+
+
+def sample_sigma(
+    n: int,
+    kind: str = "logit_normal",
+    shift: float = 1.0,
+    mean: float = 0.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Training noise levels, one per clip: uniform or logit-normal (SD3), then the time shift.
+
+    With shift = 5 the training distribution leans to high noise like the released sampler's schedule.
+    """
+    if kind == "uniform":
+        s = torch.rand(n, generator=generator, device=device)
+    elif kind == "logit_normal":
+        s = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+    else:
+        raise ValueError(f"unknown sigma sampling {kind!r}: use 'uniform' or 'logit_normal'")
+    return shift_sigma(s, shift)
+
+
+def noise_clip(
+    video: Tensor, audio: Tensor, sigma: Tensor, video_eps: Tensor, audio_eps: Tensor, mode: Mode,
+    image: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Noisy model inputs of one clip for its conditioning mode; video and audio share the noise level.
+
+    i2v: the clean first latent frame (`image`, or frame 0 of the clean video) replaces frame 0 of the
+    noisy video, with no extra token or flag (spec §4.6). a2v: the clean audio latent is the audio input.
+    Returns (video_in [48,T,H,W], audio_in [A,64], first_frame or None).
+    """
+    video_in = add_noise(video, video_eps, sigma)
+    audio_in = add_noise(audio, audio_eps, sigma)
+    first = None
+    if mode == Mode.I2V:
+        first = video[:, :1] if image is None else image.to(video)
+        video_in = torch.cat([first, video_in[:, 1:]], dim=1)
+    elif mode == Mode.A2V:
+        audio_in = audio
+    return video_in, audio_in, first
+
+
+def masked_mse(pred: list[Tensor], target: list[Tensor], frames_from: list[int] | None = None) -> Tensor:
+    """Mean squared error over every element of a pack (token-weighted, as in packed LM training).
+
+    frames_from[i] > 0 drops the first latent frames of clip i from the loss (i2v: the clean frame).
+    Clips with nothing left contribute nothing; an empty selection gives 0 with a gradient path.
+    """
+    total, count = pred[0].new_zeros(()), 0
+    for i, (p, t) in enumerate(zip(pred, target, strict=True)):
+        start = frames_from[i] if frames_from else 0
+        if start:
+            p, t = p[:, start:], t[:, start:]
+        if p.numel():
+            total = total + (p.float() - t.float()).pow(2).sum()
+            count += p.numel()
+    return total / max(count, 1)
+
+
+def joint_flow_loss(
+    pred_video: list[Tensor],
+    pred_audio: list[Tensor],
+    target_video: list[Tensor],
+    target_audio: list[Tensor],
+    modes: list[Mode],
+    video_weight: float = 1.0,
+    audio_weight: float = 1.0,
+) -> dict[str, Tensor]:
+    """Joint video + audio flow-matching loss with per-modality weights and per-mode masks.
+
+    i2v clips have no loss on their clean first frame; a2v clips have no audio loss. Returns
+    {"loss", "loss_video", "loss_audio"}.
+    """
+    frames_from = [1 if m == Mode.I2V else 0 for m in modes]
+    loss_video = masked_mse(pred_video, target_video, frames_from)
+    keep = [i for i, m in enumerate(modes) if m != Mode.A2V]
+    if keep:
+        loss_audio = masked_mse([pred_audio[i] for i in keep], [target_audio[i] for i in keep])
+    else:
+        loss_audio = sum(p.sum() for p in pred_audio) * 0.0  # keeps every parameter in the graph (DDP)
+    loss = video_weight * loss_video + audio_weight * loss_audio
+    return {"loss": loss, "loss_video": loss_video, "loss_audio": loss_audio}
+
+
+def sample_modes(
+    n: int, probs: dict[str, float], generator: torch.Generator | None = None
+) -> list[Mode]:
+    """Draw a conditioning mode per clip from {"t2v": p, "i2v": p, "a2v": p} (weights need not sum to 1)."""
+    names = [Mode(k) for k, p in probs.items() if p > 0]
+    if not names:
+        raise ValueError(f"mode probabilities {probs} give no mode a positive weight")
+    weights = torch.tensor([probs[str(m)] for m in names], dtype=torch.float)
+    idx = torch.multinomial(weights, n, replacement=True, generator=generator)
+    return [names[i] for i in idx.tolist()]
+
+
+def drop_text(
+    text: list[Tensor], drop: Tensor, null_text: Tensor
+) -> list[Tensor]:
+    """Replace the text features of clips where drop[i] is true by `null_text` [L0, D].
+
+    Trained this way the model learns the unconditional branch that classifier-free guidance uses; pass
+    the negative-prompt features as null_text to match the released sampler's uncond branch.
+    """
+    return [null_text.to(t) if d else t for t, d in zip(text, drop.tolist(), strict=True)]

@@ -1,0 +1,169 @@
+"""Joint audio-video flow-matching pretraining of the DiT (recipe `pretrain_base`).
+
+The LightningModule only wires the model and the pure functions of `magi_train.flow` together.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+from magi_train.config import FlowConfig, OptimConfig
+from magi_train.data.reader import ClipBatch
+from magi_train.flow import (
+    Mode,
+    drop_text,
+    joint_flow_loss,
+    noise_clip,
+    sample_modes,
+    sample_sigma,
+    velocity_target,
+)
+from magi_train.models.dit import DiT, DiTConfig
+from magi_train.models.parallelize import parallelize
+
+
+def load_null_text(spec: str, text_dim: int) -> Tensor:
+    """Features used for dropped text: 'null' = one zero token, else a .npy file [L, text_dim]."""
+    if spec == "null":
+        return torch.zeros(1, text_dim)
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"flow.null_text={spec!r}: not 'null' and not an existing .npy file of [L, {text_dim}]")
+    arr = np.load(path, allow_pickle=False)
+    if arr.ndim != 2 or arr.shape[1] != text_dim or not 1 <= arr.shape[0] <= 640:
+        raise ValueError(f"flow.null_text {path}: expected [L<=640, {text_dim}] features, got {list(arr.shape)}")
+    return torch.from_numpy(arr.astype(np.float32))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, max_steps: int):
+    """AdamW without weight decay on norms, biases and 1-D buffers; linear warm-up, then constant/cosine."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+    )
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"optim.schedule={cfg.schedule!r}: use 'constant' or 'cosine'")
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return opt, sched
+
+
+class PretrainTask(L.LightningModule):
+    """Flow matching on packed batches of clips with t2v / i2v / a2v mixing and text dropout."""
+
+    def __init__(
+        self,
+        model_cfg: DiTConfig,
+        flow_cfg: FlowConfig,
+        optim_cfg: OptimConfig,
+        max_steps: int,
+        text_dim: int,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.model_cfg, self.flow_cfg, self.optim_cfg = model_cfg, flow_cfg, optim_cfg
+        self.max_steps, self.seed = max_steps, seed
+        self.model = parallelize(DiT(model_cfg), activation_checkpointing=model_cfg.activation_checkpointing)
+        self.register_buffer("null_text", load_null_text(flow_cfg.null_text, text_dim), persistent=False)
+
+    # -- the objective -----------------------------------------------------------------------------------
+
+    def flow_loss(self, batch: ClipBatch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """One flow-matching loss evaluation on a packed batch (also used for validation, seeded)."""
+        f, n, dev = self.flow_cfg, len(batch), self.device
+        sigma = sample_sigma(
+            n, f.sigma_sampling, f.shift, f.sigma_mean, f.sigma_std, generator=generator
+        ).to(dev)
+        modes = sample_modes(n, f.mode_probs, generator=generator)
+        drop = torch.rand(n, generator=generator) < f.text_drop_prob
+        video_in, audio_in, v_target, a_target = [], [], [], []
+        for i in range(n):
+            video, audio = batch.video[i], batch.audio[i]
+            v_eps = torch.randn(video.shape, generator=generator).to(video)
+            a_eps = torch.randn(audio.shape, generator=generator).to(audio)
+            vi, ai, _ = noise_clip(video, audio, sigma[i], v_eps, a_eps, modes[i], batch.image[i])
+            video_in.append(vi)
+            audio_in.append(ai)
+            v_target.append(velocity_target(video, v_eps))
+            a_target.append(velocity_target(audio, a_eps))
+        text = drop_text(batch.text, drop, self.null_text)
+        pred_video, pred_audio = self.model(video_in, audio_in, text)
+        out = joint_flow_loss(
+            pred_video, pred_audio, v_target, a_target, modes, f.video_loss_weight, f.audio_loss_weight
+        )
+        out["sigma_mean"] = sigma.mean()
+        out["frac_i2v"] = torch.tensor(sum(m == Mode.I2V for m in modes) / n)
+        out["frac_a2v"] = torch.tensor(sum(m == Mode.A2V for m in modes) / n)
+        return out
+
+    def training_step(self, batch: ClipBatch, batch_idx: int) -> Tensor:
+        out = self.flow_loss(batch)
+        n = len(batch)
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
+        self.log("train/loss_video", out["loss_video"], batch_size=n)
+        self.log("train/loss_audio", out["loss_audio"], batch_size=n)
+        self.log("train/clips", float(n), batch_size=n)
+        self.log("train/tokens", float(batch.num_tokens), batch_size=n)
+        return out["loss"]
+
+    def validation_step(self, batch: ClipBatch, batch_idx: int) -> None:
+        # Fixed noise per validation batch so that curves across checkpoints and runs are comparable.
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + batch_idx)
+        out = self.flow_loss(batch, generator=gen)
+        for k in ("loss", "loss_video", "loss_audio"):
+            self.log(f"val/{k}", out[k], batch_size=len(batch), sync_dist=True)
+
+    # -- optimisation --------------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        opt, sched = build_optimizer(self.model, self.optim_cfg, self.max_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+            if norms:
+                self.log("train/grad_norm", torch.stack(norms).norm())
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    # -- exact resume: RNG state travels with the checkpoint -----------------------------------------------
+
+    # Stored as tensors and plain Python values only, so the checkpoint loads with weights_only=True.
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        np_state = np.random.get_state()
+        checkpoint["rng"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            name, keys, pos, has_gauss, cached = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+            random.setstate(rng["python"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])

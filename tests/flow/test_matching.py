@@ -1,0 +1,107 @@
+"""Flow-matching math: noising path, velocity target, sigma sampling, losses and conditioning modes."""
+
+import math
+
+import pytest
+import torch
+
+from magi_train.flow import (
+    Mode,
+    add_noise,
+    drop_text,
+    joint_flow_loss,
+    noise_clip,
+    sample_modes,
+    sample_sigma,
+    shift_sigma,
+    velocity_target,
+    x0_from_velocity,
+)
+
+
+def test_path_endpoints_and_velocity_inverse():
+    x0, eps = torch.randn(48, 2, 4, 4), torch.randn(48, 2, 4, 4)
+    assert torch.equal(add_noise(x0, eps, 0.0), x0)
+    assert torch.equal(add_noise(x0, eps, 1.0), eps)
+    s = 0.3
+    xs = add_noise(x0, eps, s)
+    v = velocity_target(x0, eps)
+    torch.testing.assert_close(x0_from_velocity(xs, v, s), x0)
+    # v is the time derivative of the path: d/ds [(1-s) x0 + s eps] = eps - x0
+    h = 1e-3
+    torch.testing.assert_close((add_noise(x0, eps, s + h) - xs) / h, v, atol=1e-3, rtol=1e-3)
+
+
+def test_shift_matches_released_schedule():
+    # spec §4.4: sigma 0.5 -> 5*0.5/(1+4*0.5) = 0.8333..., timestep int(833.3) = 833 in the 8-step list
+    assert math.isclose(shift_sigma(torch.tensor(0.5), 5.0).item(), 5 / 6, rel_tol=1e-6)
+    s = torch.linspace(0, 1, 11)
+    torch.testing.assert_close(shift_sigma(s, 1.0), s)
+    assert torch.all(shift_sigma(s, 5.0) >= s)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "logit_normal"])
+def test_sigma_sampling_range_and_shift(kind):
+    g = torch.Generator().manual_seed(0)
+    s = sample_sigma(20000, kind, shift=1.0, generator=g)
+    assert s.min() >= 0 and s.max() <= 1
+    assert abs(s.mean().item() - 0.5) < 0.02  # both are symmetric around 0.5 before shifting
+    shifted = sample_sigma(20000, kind, shift=5.0, generator=torch.Generator().manual_seed(0))
+    assert shifted.mean() > 0.7
+    if kind == "logit_normal":  # concentrated in the middle: fewer extremes than uniform
+        assert ((s < 0.05) | (s > 0.95)).float().mean() < 0.05
+    with pytest.raises(ValueError, match="unknown sigma sampling"):
+        sample_sigma(4, "beta")
+
+
+def test_i2v_keeps_clean_first_frame_and_no_loss_on_it():
+    video, audio = torch.randn(48, 3, 4, 4), torch.randn(9, 64)
+    ve, ae = torch.randn_like(video), torch.randn_like(audio)
+    vi, ai, first = noise_clip(video, audio, torch.tensor(0.7), ve, ae, Mode.I2V)
+    assert torch.equal(vi[:, :1], video[:, :1]) and torch.equal(first, video[:, :1])
+    torch.testing.assert_close(vi[:, 1:], add_noise(video, ve, 0.7)[:, 1:])
+    torch.testing.assert_close(ai, add_noise(audio, ae, 0.7))
+    target_v = velocity_target(video, ve)
+    # errors only on frame 0 cost nothing in i2v, but do in t2v
+    pred_v = target_v.clone()
+    pred_v[:, 0] += 5.0
+    pred_a = velocity_target(audio, ae)
+    i2v = joint_flow_loss([pred_v], [pred_a], [target_v], [pred_a], [Mode.I2V])
+    t2v = joint_flow_loss([pred_v], [pred_a], [target_v], [pred_a], [Mode.T2V])
+    assert i2v["loss"].item() == 0.0 and t2v["loss"].item() > 1.0
+
+
+def test_a2v_clean_audio_and_no_audio_loss():
+    video, audio = torch.randn(48, 2, 2, 2), torch.randn(5, 64)
+    vi, ai, _ = noise_clip(video, audio, torch.tensor(0.5), torch.randn_like(video), torch.randn_like(audio), Mode.A2V)
+    assert torch.equal(ai, audio)
+    pv, tv = torch.zeros_like(video), torch.zeros_like(video)
+    out = joint_flow_loss([pv], [torch.ones(5, 64)], [tv], [torch.zeros(5, 64)], [Mode.A2V])
+    assert out["loss_audio"].item() == 0.0 and out["loss"].item() == 0.0
+    out = joint_flow_loss([pv], [torch.ones(5, 64)], [tv], [torch.zeros(5, 64)], [Mode.T2V])
+    assert out["loss_audio"].item() == 1.0
+
+
+def test_modality_weights_and_token_weighting():
+    pv, tv = [torch.ones(48, 1, 2, 2)], [torch.zeros(48, 1, 2, 2)]  # video mse 1
+    pa, ta = [torch.full((5, 64), 2.0)], [torch.zeros(5, 64)]  # audio mse 4
+    out = joint_flow_loss(pv, pa, tv, ta, [Mode.T2V], video_weight=0.5, audio_weight=2.0)
+    assert out["loss"].item() == pytest.approx(0.5 * 1 + 2.0 * 4)
+    # two clips of different size: the mean is over all elements (token-weighted)
+    pv2 = [torch.ones(48, 1, 2, 2), torch.zeros(48, 3, 2, 2)]
+    tv2 = [torch.zeros(48, 1, 2, 2), torch.zeros(48, 3, 2, 2)]
+    out = joint_flow_loss(pv2, pa * 2, tv2, ta * 2, [Mode.T2V] * 2)
+    assert out["loss_video"].item() == pytest.approx(1 / 4)
+
+
+def test_text_dropout_and_mode_sampling():
+    text = [torch.randn(7, 16), torch.randn(3, 16)]
+    null = torch.zeros(1, 16)
+    out = drop_text(text, torch.tensor([True, False]), null)
+    assert torch.equal(out[0], null) and out[1] is text[1]
+    modes = sample_modes(4000, {"t2v": 0.5, "i2v": 0.25, "a2v": 0.25}, torch.Generator().manual_seed(0))
+    frac = {m: sum(x == m for x in modes) / len(modes) for m in Mode}
+    assert abs(frac[Mode.T2V] - 0.5) < 0.03 and abs(frac[Mode.A2V] - 0.25) < 0.03
+    assert set(sample_modes(50, {"t2v": 1.0, "i2v": 0.0, "a2v": 0.0})) == {Mode.T2V}
+    with pytest.raises(ValueError):
+        sample_modes(3, {"t2v": 0.0})
