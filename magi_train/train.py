@@ -16,6 +16,7 @@ from magi_train.config import DataConfig, FlowConfig, LoggerConfig, OptimConfig,
 from magi_train.data.datamodule import ClipDataModule
 from magi_train.models.checkpoint import load_released
 from magi_train.models.dit import DiT, DiTConfig
+from magi_train.models.parallelize import parallelize
 from magi_train.tasks.pretrain import PretrainTask
 
 log = logging.getLogger(__name__)
@@ -164,14 +165,16 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     datamodule = ClipDataModule(to_dataclass(cfg.data, DataConfig))
+    ckpt_path = find_resume_checkpoint(cfg, run_dir)
+    model = DiT(model_cfg)
+    if cfg.init_from and ckpt_path is None:  # a resumed run takes its weights from the checkpoint
+        load_initial_weights(model, cfg.init_from)
+    print(f"parameters: {model.num_parameters():,}")
+    model = parallelize(model, model_cfg.activation_checkpointing, model_cfg.compile)
     task = PretrainTask(
-        model_cfg, to_dataclass(cfg.flow, FlowConfig), to_dataclass(cfg.optim, OptimConfig),
+        model, to_dataclass(cfg.flow, FlowConfig), to_dataclass(cfg.optim, OptimConfig),
         max_steps=cfg.trainer.max_steps, text_dim=cfg.data.text_dim, seed=cfg.seed,
     )
-    ckpt_path = find_resume_checkpoint(cfg, run_dir)
-    if cfg.init_from and ckpt_path is None:
-        load_initial_weights(task.model, cfg.init_from)
-    print(f"parameters: {task.model.num_parameters():,}")
     trainer = build_trainer(cfg, run_dir, [], resolved)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     return {"global_step": trainer.global_step, "run_dir": str(run_dir)}

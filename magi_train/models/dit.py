@@ -44,7 +44,9 @@ class DiTConfig:
     text_coords: str = "v2"  # "v2": base/distill (text has no rotation); "v1": SR model (t in [0, 1])
     rope_temperature: float = 10000.0
     norm_eps: float = 1e-6
+    # runtime options, applied from outside by parallelize(); they do not change the weights
     activation_checkpointing: bool = False
+    compile: bool = False
     attn_backend: str = "auto"  # auto | flash | sdpa
 
     @property
@@ -298,7 +300,8 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         hq, hkv, d = cfg.num_heads_q, cfg.num_heads_kv, cfg.head_dim
-        self.split = [hq * d, hkv * d, hkv * d, hq]  # q | k | v | one gate logit per query head
+        # q | k | v | one gate logit per query head (the gate rows exist only with gating on)
+        self.split = [hq * d, hkv * d, hkv * d] + ([hq] if cfg.enable_attn_gating else [])
         self.pre_norm = ModalityRMSNorm(cfg.hidden_size, num_modality, cfg.norm_eps)
         self.linear_qkv = ModalityLinear(cfg.hidden_size, sum(self.split), num_modality)
         self.q_norm = ModalityRMSNorm(d, num_modality, cfg.norm_eps)
@@ -308,15 +311,15 @@ class Attention(nn.Module):
     def forward(self, h: Tensor, seq: PackedSeq) -> Tensor:
         cfg, n = self.cfg, h.shape[0]
         qkv = self.linear_qkv(self.pre_norm(h, seq), seq)  # [L, 7208] for 15B
-        q, k, v, gate = qkv.split(self.split, dim=-1)
+        q, k, v, *gate = qkv.split(self.split, dim=-1)
         q = self.q_norm(q.reshape(n, cfg.num_heads_q, cfg.head_dim), seq)
         k = self.k_norm(k.reshape(n, cfg.num_heads_kv, cfg.head_dim), seq)
         q, k = apply_rope(q.float(), seq.rope), apply_rope(k.float(), seq.rope)
         dtype = v.dtype  # bf16 under autocast, fp32 otherwise
         v = v.reshape(n, cfg.num_heads_kv, cfg.head_dim)
         out = varlen_attention(q.to(dtype), k.to(dtype), v, seq.cu_seqlens, seq.max_seqlen, cfg.attn_backend)
-        if cfg.enable_attn_gating:
-            out = out * torch.sigmoid(gate.float()).to(out.dtype)[..., None]
+        if gate:  # per-head sigmoid gate on the attention output, before linear_proj
+            out = out * torch.sigmoid(gate[0].float()).to(out.dtype)[..., None]
         return self.linear_proj(out.reshape(n, -1), seq)
 
 

@@ -25,8 +25,7 @@ from magi_train.flow import (
     sample_sigma,
     velocity_target,
 )
-from magi_train.models.dit import DiT, DiTConfig
-from magi_train.models.parallelize import parallelize
+from magi_train.models.dit import DiT
 
 
 def load_null_text(spec: str, text_dim: int) -> Tensor:
@@ -72,7 +71,7 @@ class PretrainTask(L.LightningModule):
 
     def __init__(
         self,
-        model_cfg: DiTConfig,
+        model: DiT,
         flow_cfg: FlowConfig,
         optim_cfg: OptimConfig,
         max_steps: int,
@@ -80,9 +79,9 @@ class PretrainTask(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
-        self.model_cfg, self.flow_cfg, self.optim_cfg = model_cfg, flow_cfg, optim_cfg
+        self.model = model  # already initialised and parallelize()d by the caller
+        self.flow_cfg, self.optim_cfg = flow_cfg, optim_cfg
         self.max_steps, self.seed = max_steps, seed
-        self.model = parallelize(DiT(model_cfg), activation_checkpointing=model_cfg.activation_checkpointing)
         self.register_buffer("null_text", load_null_text(flow_cfg.null_text, text_dim), persistent=False)
 
     # -- the objective -----------------------------------------------------------------------------------
