@@ -1,0 +1,119 @@
+"""Samplers: the released timestep lists, CFG convention and schedule, i2v/a2v conditioning, seeding."""
+
+import pytest
+import torch
+
+from magi_train.flow.sampling import (
+    Guidance,
+    cfg_combine,
+    make_unipc,
+    released_sigmas,
+    sample_distilled,
+    sample_unipc,
+)
+
+# spec/released-model.md §4.4
+SPEC_T = {
+    32: [999, 993, 986, 979, 972, 964, 955, 946, 937, 927, 916, 904, 892, 879, 865, 849, 833,
+         814, 795, 773, 749, 723, 694, 661, 624, 583, 535, 480, 416, 340, 249, 138],
+    8: [999, 972, 937, 892, 833, 749, 624, 416],
+    5: [999, 952, 882, 768, 555],
+}
+SPEC_SIGMA_8 = [0.9998, 0.9720, 0.9373, 0.8926, 0.8331, 0.7497, 0.6247, 0.4164, 0.0]
+
+
+@pytest.mark.parametrize("n", [32, 8, 5])
+def test_unipc_timesteps_equal_released_lists(n):
+    sched = make_unipc(n)
+    assert sched.timesteps.tolist() == SPEC_T[n]
+    assert sched.sigmas[-1].item() == 0.0
+
+
+def test_distilled_sigmas_equal_released():
+    torch.testing.assert_close(released_sigmas(8), torch.tensor(SPEC_SIGMA_8), atol=1e-4, rtol=0)
+
+
+def test_cfg_noop_and_convention():
+    c, u = torch.randn(4, 5), torch.randn(4, 5)
+    torch.testing.assert_close(cfg_combine(c, c, 5.0), c)  # equal branches: guidance is a no-op
+    torch.testing.assert_close(cfg_combine(c, u, 1.0), c)  # w = 1 is the conditional prediction
+    torch.testing.assert_close(cfg_combine(c, u, 0.0), u)
+
+
+def test_video_scale_switches_at_500():
+    g = Guidance()
+    assert g.video_scale_at(501) == 5.0 and g.video_scale_at(500) == 2.0 and g.video_scale_at(138) == 2.0
+    # in the 32-step schedule the first 27 steps use 5.0 and the last 5 use 2.0 (spec §4.5)
+    scales = [g.video_scale_at(t) for t in SPEC_T[32]]
+    assert scales == [5.0] * 27 + [2.0] * 5
+
+
+class _Recorder:
+    """A stand-in denoiser: velocity = x * 0.1 + text mean; records the text of each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, video, audio, text):
+        self.calls.append([t.mean().item() for t in text])
+        shift = [t.mean() for t in text]
+        return [v * 0.1 + s for v, s in zip(video, shift)], [a * 0.1 + s for a, s in zip(audio, shift)]
+
+
+def _noise(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(48, 3, 2, 2, generator=g)], [torch.randn(9, 64, generator=g)]
+
+
+def test_unipc_cfg_runs_uncond_with_negative_prompt_and_equal_branches_match_no_cfg():
+    video, audio = _noise()
+    text, neg = [torch.ones(3, 8)], [torch.zeros(2, 8)]
+    rec = _Recorder()
+    sample_unipc(rec, video, audio, text, neg, num_steps=5)
+    assert len(rec.calls) == 10 and rec.calls[1] == [0.0]  # cond then uncond (negative prompt) each step
+    a = sample_unipc(_Recorder(), video, audio, text, text, num_steps=5)
+    b = sample_unipc(_Recorder(), video, audio, text, None, num_steps=5)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("sampler", ["unipc", "distilled"])
+def test_i2v_first_frame_bit_identical_and_a2v_audio_fixed(sampler):
+    video, audio = _noise()
+    first = torch.randn(48, 1, 2, 2)
+    clean = torch.randn(9, 64)
+    text = [torch.ones(3, 8)]
+    if sampler == "unipc":
+        out_v, out_a = sample_unipc(_Recorder(), video, audio, text, None, 5, first_frames=[first],
+                                    clean_audio=[clean])
+    else:
+        out_v, out_a = sample_distilled(_Recorder(), video, audio, text, 8, first_frames=[first],
+                                        clean_audio=[clean], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out_v[0][:, :1], first)
+    assert torch.equal(out_a[0], clean)
+    assert not torch.equal(out_v[0][:, 1:], video[0][:, 1:])
+
+
+def test_distilled_sampler_is_seeded():
+    video, audio = _noise()
+    text = [torch.ones(3, 8)]
+    runs = [sample_distilled(_Recorder(), video, audio, text, generator=torch.Generator().manual_seed(7))
+            for _ in range(2)]
+    assert torch.equal(runs[0][0][0], runs[1][0][0]) and torch.equal(runs[0][1][0], runs[1][1][0])
+    other = sample_distilled(_Recorder(), video, audio, text, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(other[0][0], runs[0][0][0])
+
+
+def test_distilled_sampler_recovers_x0_of_an_exact_denoiser():
+    # a denoiser that knows x0 returns v = (x - x0)/s; the last step (s_next = 0) must return x0 exactly
+    x0_v, x0_a = torch.randn(48, 2, 2, 2), torch.randn(5, 64)
+    sig = released_sigmas(8).tolist()
+    step = {"i": 0}
+
+    def oracle(video, audio, text):
+        s = sig[step["i"]]
+        step["i"] += 1
+        return [(video[0] - x0_v) / s], [(audio[0] - x0_a) / s]
+
+    out_v, out_a = sample_distilled(oracle, [torch.randn_like(x0_v)], [torch.randn_like(x0_a)], [torch.ones(1, 8)])
+    torch.testing.assert_close(out_v[0], x0_v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_a[0], x0_a, atol=1e-5, rtol=1e-5)
