@@ -105,3 +105,20 @@ def test_text_dropout_and_mode_sampling():
     assert set(sample_modes(50, {"t2v": 1.0, "i2v": 0.0, "a2v": 0.0})) == {Mode.T2V}
     with pytest.raises(ValueError):
         sample_modes(3, {"t2v": 0.0})
+
+
+def test_sr_inputs():
+    from magi_train.flow.sr import sr_audio_condition, sr_video_input, upsample_latent, zero_snr_alpha
+
+    assert abs(zero_snr_alpha() - 0.8389) < 1e-4  # spec §5.3
+    low = torch.randn(48, 3, 4, 6)
+    up = upsample_latent(low, (8, 12))
+    assert up.shape == (48, 3, 8, 12)
+    # align_corners=True keeps the corner values exactly
+    torch.testing.assert_close(up[..., 0, 0], low[..., 0, 0])
+    torch.testing.assert_close(up[..., -1, -1], low[..., -1, -1])
+    eps = torch.randn_like(up)
+    a = 0.8389
+    torch.testing.assert_close(sr_video_input(low, (8, 12), a, eps), a * up + (1 - a * a) ** 0.5 * eps)
+    audio, ae = torch.randn(9, 64), torch.randn(9, 64)
+    torch.testing.assert_close(sr_audio_condition(audio, ae), 0.7 * ae + 0.3 * audio)

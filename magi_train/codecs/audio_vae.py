@@ -1,0 +1,292 @@
+"""Stable Audio Open "Oobleck" VAE (diffusers AutoencoderOobleck) and PyAV audio/mp4 I/O, as in the MagiHuman release."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderOobleck
+
+# The release runs the 44.1 kHz Stable Audio VAE as if audio were 51.2 kHz, so that one latent (hop 2048)
+# lasts exactly one 25 fps video frame; decoded audio is stretched back by 441/512 (spec §6.3).
+LATENTS_PER_SECOND = 25
+HOP = 2048  # real model: prod(downsampling_ratios) = 2*4*4*8*8; AudioVAE reads it from the config
+AUDIO_LATENT_CHANNELS = 64  # real model: decoder_input_channels; AudioVAE reads it from the config
+EFFECTIVE_SAMPLE_RATE = HOP * LATENTS_PER_SECOND  # 51,200 Hz
+OUTPUT_SAMPLE_RATE = 44100
+RESAMPLE_UP, RESAMPLE_DOWN = 441, 512  # 44100 / 51200
+
+
+def audio_latents_for_seconds(seconds: float) -> int:
+    """Audio latents of a generated clip: seconds * 25 + 1, one per pixel frame (4 s -> 101)."""
+    frames = seconds * LATENTS_PER_SECOND
+    if seconds <= 0 or abs(frames - round(frames)) > 1e-6:
+        raise ValueError(f"seconds * {LATENTS_PER_SECOND} must be a positive whole number, got {seconds}")
+    return round(frames) + 1
+
+
+def audio_latents_for_video_latents(num_video_latents: int) -> int:
+    """A = 4(T - 1) + 1 audio latents for T video latent frames (26 -> 101)."""
+    if num_video_latents < 1:
+        raise ValueError(f"need at least one video latent frame, got {num_video_latents}")
+    return 4 * (num_video_latents - 1) + 1
+
+
+def video_latents_for_audio_latents(num_audio_latents: int) -> int:
+    """T = (A - 1) // 4 + 1 video latent frames for A audio latents (101 -> 26; the release's a2v: 100 -> 25)."""
+    if num_audio_latents < 1:
+        raise ValueError(f"need at least one audio latent, got {num_audio_latents}")
+    return (num_audio_latents - 1) // 4 + 1
+
+
+def output_num_samples(num_samples: int) -> int:
+    """Samples at 44.1 kHz for `num_samples` at the effective 51.2 kHz: int(n * 441 / 512) (206,848 -> 178,176)."""
+    return num_samples * RESAMPLE_UP // RESAMPLE_DOWN
+
+
+def to_output_rate(wave: torch.Tensor) -> torch.Tensor:
+    """Resample a decoded waveform `[..., S]` from 51.2 kHz to 44.1 kHz with FFT resampling (scipy), fp32."""
+    from scipy.signal import resample
+
+    n_out = output_num_samples(wave.shape[-1])
+    out = resample(wave.detach().float().cpu().numpy(), n_out, axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(wave.device)
+
+
+class AudioVAE:
+    """Frozen Oobleck VAE: stereo waveform at 51.2 kHz `[B, 2, S]` <-> unscaled latents `[B, A, 64]`."""
+
+    def __init__(self, model: AutoencoderOobleck):
+        cfg = model.config
+        self.model = model.eval().requires_grad_(False)
+        self.hop = int(np.prod(cfg.downsampling_ratios))
+        self.latent_channels = int(cfg.decoder_input_channels)
+        self.audio_channels = int(cfg.audio_channels)
+        # The encoder emits mean and scale stacked on channels, so it must produce twice the decoder input.
+        if int(cfg.encoder_hidden_size) != 2 * self.latent_channels:
+            raise ValueError(
+                f"Oobleck config mismatch: encoder_hidden_size {cfg.encoder_hidden_size} must be "
+                f"2 * decoder_input_channels ({self.latent_channels})"
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> AudioVAE:
+        """Load a diffusers `AutoencoderOobleck` directory (e.g. stable-audio-open-1.0/vae); never downloads."""
+        from diffusers import AutoencoderOobleck
+
+        path = Path(path)
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ValueError(
+                f"audio VAE directory {str(path)!r} not found or has no config.json: "
+                "expected a diffusers AutoencoderOobleck folder (e.g. stable-audio-open-1.0/vae)"
+            )
+        try:
+            model = AutoencoderOobleck.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"could not load a diffusers AutoencoderOobleck from {str(path)!r}: {err}") from err
+        return cls(model.to(device))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> AudioVAE:
+        """Move the VAE weights."""
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def num_latents(self, num_samples: int) -> int:
+        """Latents produced for `num_samples` input samples (padded up to a whole hop)."""
+        return -(-num_samples // self.hop)
+
+    @torch.no_grad()
+    def encode(
+        self, wave: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Waveform `[B, 2, S]` at 51.2 kHz -> latents `[B, ceil(S / hop), C]` fp32.
+
+        The release samples the posterior (`mean + std * eps`); `sample=False` returns the mean. S is
+        zero-padded at the end to a whole number of hops.
+        """
+        if wave.ndim != 3 or wave.shape[1] != self.audio_channels or wave.shape[2] == 0:
+            raise ValueError(f"wave must be [B, {self.audio_channels}, S>0], got {tuple(wave.shape)}")
+        if not wave.is_floating_point():
+            raise ValueError(f"wave must be float in [-1, 1], got dtype {wave.dtype}")
+        pad = -wave.shape[2] % self.hop
+        x = torch.nn.functional.pad(wave, (0, pad)).to(device=self.device, dtype=self.dtype)
+        posterior = self.model.encode(x).latent_dist
+        z = posterior.sample(generator=generator) if sample else posterior.mode()  # [B, C, A]
+        return z.float().transpose(1, 2).contiguous()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents `[B, A, C]` -> waveform `[B, 2, A * hop]` at 51.2 kHz, fp32 (not clamped)."""
+        if latents.ndim != 3 or latents.shape[2] != self.latent_channels:
+            raise ValueError(f"latents must be [B, A, {self.latent_channels}], got {tuple(latents.shape)}")
+        z = latents.transpose(1, 2).to(device=self.device, dtype=self.dtype)
+        return self.model.decode(z).sample.float()
+
+
+def load_audio(path: str | Path, seconds: float, sample_rate: int = EFFECTIVE_SAMPLE_RATE) -> torch.Tensor:
+    """First `seconds` of any audio/video file's first audio stream -> `[2, round(seconds * 51200)]` fp32.
+
+    Decoded and resampled to mono at `sample_rate` with PyAV (the release uses ffmpeg via whisper), then
+    duplicated to two channels. For A latents ask for `A / 25` seconds (4.04 s -> 101 latents).
+    """
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"audio file {str(path)!r} not found")
+    if seconds <= 0:
+        raise ValueError(f"seconds must be positive, got {seconds}")
+    wanted = round(seconds * sample_rate)
+    chunks: list[np.ndarray] = []
+    have = 0
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise ValueError(f"{str(path)!r} has no audio stream")
+            # s16 output, as whisper.load_audio asks ffmpeg for: swresample then downmixes stereo as
+            # (L + R) / 2, whereas a float output format keeps 0.707 * (L + R), 3 dB louder than the release.
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
+            for frame in container.decode(audio=0):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+                    have += chunks[-1].size
+                if have >= wanted:
+                    break
+            else:
+                for out in resampler.resample(None):  # flush the resampler's delay line
+                    chunks.append(out.to_ndarray().reshape(-1))
+                    have += chunks[-1].size
+    except av.error.FFmpegError as err:
+        raise ValueError(f"could not decode audio from {str(path)!r}: {err}") from err
+    if have < wanted:
+        short = wanted - have
+        raise ValueError(
+            f"{str(path)!r} has {have / sample_rate:.3f} s of audio but {seconds} s were requested "
+            f"({short} samples = {short / sample_rate:.3f} s too short)"
+        )
+    mono = torch.from_numpy(np.concatenate(chunks)[:wanted].astype(np.float32) / 32768.0)
+    return mono.unsqueeze(0).repeat(2, 1)
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def write_audio_video_mp4(
+    path: str | Path,
+    frames: Any,
+    wave: Any | None,
+    fps: int = 25,
+    sample_rate: int = OUTPUT_SAMPLE_RATE,
+    crf: int = 18,
+) -> Path:
+    """Mux uint8 frames `[F, H, W, 3]` (H.264, yuv420p) and a float stereo wave `[2, S]` (AAC) into an mp4.
+
+    Written with PyAV (no ffmpeg binary) to a temporary file in the same folder, then renamed, so a crash
+    never leaves a half-written mp4 at `path`. `wave=None` writes a video-only file.
+    """
+    import av
+
+    path = Path(path)
+    video = _as_numpy(frames)
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[3] != 3 or video.shape[0] == 0:
+        raise ValueError(f"frames must be uint8 [F, H, W, 3] with F > 0, got {video.dtype} {video.shape}")
+    height, width = video.shape[1:3]
+    if height % 2 or width % 2:
+        raise ValueError(f"H.264 yuv420p needs even frame sizes, got {width}x{height}")
+    audio = None
+    if wave is not None:
+        audio = _as_numpy(wave).astype(np.float32)
+        if audio.ndim != 2 or audio.shape[0] != 2:
+            raise ValueError(f"wave must be float [2, S] (stereo, channels first), got {audio.shape}")
+        audio = np.ascontiguousarray(np.clip(audio, -1.0, 1.0))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with av.open(tmp_name, mode="w", format="mp4") as container:
+            vstream = container.add_stream("libx264", rate=Fraction(fps))
+            vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
+            vstream.options = {"crf": str(crf)}
+            astream = None
+            if audio is not None:
+                astream = container.add_stream("aac", rate=sample_rate)
+                astream.layout = "stereo"
+                astream.format = "fltp"
+            sent = 0  # audio samples muxed so far; audio is interleaved with video by time
+            for i, image in enumerate(video):
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+                container.mux(vstream.encode(frame))
+                if astream is not None:
+                    until = min(audio.shape[1], (i + 1) * sample_rate // fps)
+                    sent = _mux_audio(container, astream, audio, sent, until, sample_rate)
+            if astream is not None:
+                sent = _mux_audio(container, astream, audio, sent, audio.shape[1], sample_rate)
+                container.mux(astream.encode(None))
+            container.mux(vstream.encode(None))
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.remove(tmp_name)
+        raise
+    return path
+
+
+def _mux_audio(container: Any, stream: Any, audio: np.ndarray, start: int, stop: int, rate: int) -> int:
+    import av
+
+    chunk = 1024  # AAC frame size
+    while start < stop:
+        end = min(start + chunk, stop)
+        frame = av.AudioFrame.from_ndarray(audio[:, start:end], format="fltp", layout="stereo")
+        frame.sample_rate = rate
+        frame.pts = start
+        frame.time_base = Fraction(1, rate)
+        container.mux(stream.encode(frame))
+        start = end
+    return start
+
+
+def read_mp4_info(path: str | Path) -> dict[str, Any]:
+    """Frames, fps, size and audio length/rate of a video file (PyAV), for tests and eval."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"video file {str(path)!r} not found")
+    info: dict[str, Any] = {"frames": 0, "fps": 0.0, "width": 0, "height": 0, "audio_seconds": 0.0,
+                            "audio_rate": 0, "audio_channels": 0, "video_codec": None, "audio_codec": None}
+    with av.open(str(path)) as container:
+        if container.streams.video:
+            vs = container.streams.video[0]
+            info.update(fps=float(vs.average_rate or vs.guessed_rate or 0), width=vs.codec_context.width,
+                        height=vs.codec_context.height, video_codec=vs.codec_context.name)
+            info["frames"] = sum(1 for _ in container.decode(video=0))
+    with av.open(str(path)) as container:
+        if container.streams.audio:
+            aus = container.streams.audio[0]
+            rate = aus.codec_context.sample_rate
+            samples = sum(f.samples for f in container.decode(audio=0))
+            info.update(audio_rate=rate, audio_seconds=samples / rate if rate else 0.0,
+                        audio_channels=aus.codec_context.channels, audio_codec=aus.codec_context.name)
+    return info
