@@ -1,4 +1,4 @@
-"""Frozen codecs of the daVinci-MagiHuman release: Wan2.2 video VAE, Stable Audio Open VAE, T5-Gemma text encoder."""
+"""Frozen codecs of the daVinci-MagiHuman release: Wan2.2 video VAE, Stable Audio Open VAE, T5-Gemma text."""
 
 from magi_train.codecs.audio_vae import (
     AUDIO_LATENT_CHANNELS,

@@ -1,4 +1,4 @@
-"""Stable Audio Open "Oobleck" VAE (diffusers AutoencoderOobleck) and PyAV audio/mp4 I/O, as in the MagiHuman release."""
+"""Stable-Audio-Open VAE (diffusers Oobleck) and PyAV audio/mp4 I/O, as in the MagiHuman release."""
 
 from __future__ import annotations
 
@@ -40,14 +40,14 @@ def audio_latents_for_video_latents(num_video_latents: int) -> int:
 
 
 def video_latents_for_audio_latents(num_audio_latents: int) -> int:
-    """T = (A - 1) // 4 + 1 video latent frames for A audio latents (101 -> 26; the release's a2v: 100 -> 25)."""
+    """T = (A - 1) // 4 + 1 video latent frames for A audio latents (101 -> 26; release a2v: 100 -> 25)."""
     if num_audio_latents < 1:
         raise ValueError(f"need at least one audio latent, got {num_audio_latents}")
     return (num_audio_latents - 1) // 4 + 1
 
 
 def output_num_samples(num_samples: int) -> int:
-    """Samples at 44.1 kHz for `num_samples` at the effective 51.2 kHz: int(n * 441 / 512) (206,848 -> 178,176)."""
+    """44.1 kHz sample count for `num_samples` at 51.2 kHz: int(n * 441 / 512) (206,848 -> 178,164)."""
     return num_samples * RESAMPLE_UP // RESAMPLE_DOWN
 
 
@@ -80,7 +80,7 @@ class AudioVAE:
     def from_pretrained(
         cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
     ) -> AudioVAE:
-        """Load a diffusers `AutoencoderOobleck` directory (e.g. stable-audio-open-1.0/vae); never downloads."""
+        """Load a diffusers `AutoencoderOobleck` folder (e.g. stable-audio-open-1.0/vae); never downloads."""
         from diffusers import AutoencoderOobleck
 
         path = Path(path)
@@ -92,7 +92,9 @@ class AudioVAE:
         try:
             model = AutoencoderOobleck.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
         except (OSError, ValueError, TypeError) as err:
-            raise ValueError(f"could not load a diffusers AutoencoderOobleck from {str(path)!r}: {err}") from err
+            raise ValueError(
+                f"could not load a diffusers AutoencoderOobleck from {str(path)!r}: {err}"
+            ) from err
         return cls(model.to(device))
 
     @property
@@ -274,19 +276,36 @@ def read_mp4_info(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"video file {str(path)!r} not found")
-    info: dict[str, Any] = {"frames": 0, "fps": 0.0, "width": 0, "height": 0, "audio_seconds": 0.0,
-                            "audio_rate": 0, "audio_channels": 0, "video_codec": None, "audio_codec": None}
+    info: dict[str, Any] = {
+        "frames": 0,
+        "fps": 0.0,
+        "width": 0,
+        "height": 0,
+        "audio_seconds": 0.0,
+        "audio_rate": 0,
+        "audio_channels": 0,
+        "video_codec": None,
+        "audio_codec": None,
+    }
     with av.open(str(path)) as container:
         if container.streams.video:
             vs = container.streams.video[0]
-            info.update(fps=float(vs.average_rate or vs.guessed_rate or 0), width=vs.codec_context.width,
-                        height=vs.codec_context.height, video_codec=vs.codec_context.name)
+            info.update(
+                fps=float(vs.average_rate or vs.guessed_rate or 0),
+                width=vs.codec_context.width,
+                height=vs.codec_context.height,
+                video_codec=vs.codec_context.name,
+            )
             info["frames"] = sum(1 for _ in container.decode(video=0))
     with av.open(str(path)) as container:
         if container.streams.audio:
             aus = container.streams.audio[0]
             rate = aus.codec_context.sample_rate
             samples = sum(f.samples for f in container.decode(audio=0))
-            info.update(audio_rate=rate, audio_seconds=samples / rate if rate else 0.0,
-                        audio_channels=aus.codec_context.channels, audio_codec=aus.codec_context.name)
+            info.update(
+                audio_rate=rate,
+                audio_seconds=samples / rate if rate else 0.0,
+                audio_channels=aus.codec_context.channels,
+                audio_codec=aus.codec_context.name,
+            )
     return info

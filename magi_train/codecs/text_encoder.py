@@ -1,4 +1,4 @@
-"""T5-Gemma encoder (transformers T5GemmaEncoderModel) text features, following the MagiHuman release (spec §4.3)."""
+"""T5-Gemma encoder (transformers T5GemmaEncoderModel) text features as in the MagiHuman release."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ class TextEncoder:
         self.tokenizer = tokenizer
         if tokenizer.pad_token is None:  # padding ids are masked out, any id will do
             tokenizer.pad_token = tokenizer.eos_token
+        # Right padding keeps every real token at positions 0..n-1, as when a prompt is encoded alone
+        # (Gemma's tokenizer pads on the left by default).
+        tokenizer.padding_side = "right"
         self.model = model.eval().requires_grad_(False)
 
     @classmethod
@@ -69,7 +72,9 @@ class TextEncoder:
                 path, is_encoder_decoder=False, dtype=dtype, local_files_only=True, output_loading_info=True
             )
         except (OSError, ValueError, TypeError) as err:
-            raise ValueError(f"could not load a T5-Gemma encoder and tokenizer from {str(path)!r}: {err}") from err
+            raise ValueError(
+                f"could not load a T5-Gemma encoder and tokenizer from {str(path)!r}: {err}"
+            ) from err
         finally:
             hf_logging.set_verbosity(verbosity)
         if info.get("missing_keys"):
@@ -107,8 +112,6 @@ class TextEncoder:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         out: list[torch.Tensor] = []
-        # Right padding keeps every real token at positions 0..n-1, as when encoded alone.
-        self.tokenizer.padding_side = "right"
         for start in range(0, len(prompts), batch_size):
             batch = list(prompts[start : start + batch_size])
             tokens = self.tokenizer(batch, padding=True, return_tensors="pt")

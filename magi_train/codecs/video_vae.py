@@ -1,4 +1,4 @@
-"""Wan2.2 video VAE (diffusers AutoencoderKLWan) as a frozen codec, as used by the daVinci-MagiHuman release."""
+"""Wan2.2 video VAE (diffusers AutoencoderKLWan) as a frozen codec, as in the MagiHuman release."""
 
 from __future__ import annotations
 
@@ -45,9 +45,12 @@ WAN22_LATENT_STD: tuple[float, ...] = (
 
 
 def latent_frames(num_frames: int, temporal_stride: int = TEMPORAL_STRIDE) -> int:
-    """Latent frames T for `num_frames` pixel frames (1 + 4k -> k + 1; 101 -> 26)."""
-    if num_frames < 1 or (num_frames - 1) % temporal_stride:
-        raise ValueError(f"num_frames must be 1 + {temporal_stride}k, got {num_frames}")
+    """Latent frames T = (num_frames - 1) // 4 + 1 (101 -> 26; the release's 5 s clip: 126 -> 32).
+
+    Rounds down like the release: 126 frames give 32 latent frames, which decode to 125 pixel frames.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     return (num_frames - 1) // temporal_stride + 1
 
 
@@ -112,7 +115,7 @@ def _to_rgb_uint8(image: Any) -> Image.Image:
 
 
 def center_crop_resize(image: Any, width: int, height: int) -> np.ndarray:
-    """Centre-crop `image` to the width/height aspect ratio, then resize (Lanczos) -> uint8 [height, width, 3]."""
+    """Centre-crop `image` to the width:height aspect, then resize (Lanczos) -> uint8 [height, width, 3]."""
     from PIL import Image
 
     img = _to_rgb_uint8(image)
@@ -126,13 +129,15 @@ def center_crop_resize(image: Any, width: int, height: int) -> np.ndarray:
     if img.size != (width, height):
         # diffusers' VideoProcessor (used by the release) resizes with Lanczos as well.
         img = img.resize((width, height), resample=Image.Resampling.LANCZOS)
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # a writable copy
 
 
 class VideoVAE:
     """Frozen Wan2.2 VAE: pixels in [-1, 1] <-> per-channel normalised latents `[B, 48, T, H/16, W/16]`."""
 
-    def __init__(self, model: AutoencoderKLWan, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+    def __init__(
+        self, model: AutoencoderKLWan, mean: torch.Tensor | None = None, std: torch.Tensor | None = None
+    ):
         cfg = model.config
         self.model = model.eval().requires_grad_(False)
         self.latent_channels = int(cfg.z_dim)
@@ -145,15 +150,18 @@ class VideoVAE:
         self.temporal_stride = int(cfg.scale_factor_temporal or arch_temporal)
         if (self.spatial_stride, self.temporal_stride) != (arch_spatial, arch_temporal):
             raise ValueError(
-                f"VAE config says strides (spatial {self.spatial_stride}, temporal {self.temporal_stride}) but its "
-                f"architecture gives ({arch_spatial}, {arch_temporal}); fix scale_factor_spatial/temporal"
+                f"VAE config says strides (spatial {self.spatial_stride}, temporal {self.temporal_stride}) "
+                f"but its architecture gives ({arch_spatial}, {arch_temporal}); "
+                "fix scale_factor_spatial/scale_factor_temporal in config.json"
             )
         if mean is None or std is None:
             mean, std = self._stats_from_config(cfg)
         mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
         std = torch.as_tensor(std, dtype=torch.float32).flatten()
         if mean.numel() != self.latent_channels or std.numel() != self.latent_channels:
-            raise ValueError(f"latent mean/std need {self.latent_channels} values, got {mean.numel()}/{std.numel()}")
+            raise ValueError(
+                f"latent mean/std need {self.latent_channels} values, got {mean.numel()}/{std.numel()}"
+            )
         if bool((std <= 0).any()):
             raise ValueError("latent std values must be positive")
         self.mean = mean.view(1, -1, 1, 1, 1)
@@ -164,7 +172,9 @@ class VideoVAE:
         if mean is not None and std is not None and len(mean) == len(std) == self.latent_channels:
             return list(mean), list(std)
         if self.latent_channels == len(WAN22_LATENT_MEAN):
-            log.warning("VAE config has no %d-value latents_mean/std; using the Wan2.2 table", self.latent_channels)
+            log.warning(
+                "VAE config has no %d-value latents_mean/std; using the Wan2.2 table", self.latent_channels
+            )
             return list(WAN22_LATENT_MEAN), list(WAN22_LATENT_STD)
         raise ValueError(
             f"VAE config has z_dim={self.latent_channels} but no matching latents_mean/latents_std "
@@ -187,7 +197,9 @@ class VideoVAE:
         try:
             model = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
         except (OSError, ValueError, TypeError) as err:
-            raise ValueError(f"could not load a diffusers AutoencoderKLWan from {str(path)!r}: {err}") from err
+            raise ValueError(
+                f"could not load a diffusers AutoencoderKLWan from {str(path)!r}: {err}"
+            ) from err
         return cls(model.to(device))
 
     @property
@@ -204,7 +216,7 @@ class VideoVAE:
         return self
 
     def check_pixels(self, pixels: torch.Tensor) -> None:
-        """Raise ValueError unless `pixels` is `[B, 3, 1+4k, H, W]` with H, W multiples of the spatial stride."""
+        """Raise ValueError unless `pixels` is `[B, 3, 1+4k, H, W]`, H and W multiples of the stride."""
         if pixels.ndim != 5 or pixels.shape[1] != self.pixel_channels:
             raise ValueError(f"pixels must be [B, {self.pixel_channels}, F, H, W], got {tuple(pixels.shape)}")
         frames, height, width = pixels.shape[2:]
@@ -243,14 +255,18 @@ class VideoVAE:
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Normalised latent `[B, 48, T, h, w]` -> pixels `[B, 3, 4(T-1)+1, 16h, 16w]` in [-1, 1], fp32."""
         if latent.ndim != 5 or latent.shape[1] != self.latent_channels:
-            raise ValueError(f"latent must be [B, {self.latent_channels}, T, h, w], got {tuple(latent.shape)}")
+            raise ValueError(
+                f"latent must be [B, {self.latent_channels}, T, h, w], got {tuple(latent.shape)}"
+            )
         z = self.denormalize(latent.to(self.device)).to(self.dtype)
         return self.model.decode(z).sample.float().clamp_(-1.0, 1.0)
 
     def preprocess_image(self, image: Any, width: int, height: int) -> torch.Tensor:
-        """uint8 HWC array or PIL image -> `[1, 3, 1, height, width]` fp32 in [-1, 1] (centre crop + resize)."""
+        """uint8 HWC array or PIL image -> `[1, 3, 1, height, width]` fp32 in [-1, 1] (crop + resize)."""
         if width % self.spatial_stride or height % self.spatial_stride or width <= 0 or height <= 0:
-            raise ValueError(f"image size must be positive multiples of {self.spatial_stride}, got {width}x{height}")
+            raise ValueError(
+                f"image size must be positive multiples of {self.spatial_stride}, got {width}x{height}"
+            )
         arr = center_crop_resize(image, width, height)
         pixels = torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
         return pixels[None, :, None]
@@ -258,4 +274,3 @@ class VideoVAE:
     def encode_image(self, image: Any, width: int, height: int) -> torch.Tensor:
         """Reference image for i2v -> normalised first-frame latent `[1, 48, 1, height/16, width/16]` fp32."""
         return self.encode(self.preprocess_image(image, width, height))
-
