@@ -9,10 +9,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from magi_train.config import DataConfig, FlowConfig, LoggerConfig, OptimConfig, TrainerConfig
+from magi_train.csv_log import RunCSVLogger
 from magi_train.data.datamodule import ClipDataModule
 from magi_train.models.checkpoint import load_released
 from magi_train.models.dit import DiT, DiTConfig
@@ -34,7 +35,10 @@ class ConfigInCheckpoint(Callback):
 
 def to_dataclass(node: DictConfig, cls: type):
     """A narrow typed config object for a builder (only the entry point sees the root config)."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), node))
+    obj = OmegaConf.to_object(node)  # resolves interpolations against the root, returns the schema class
+    if not isinstance(obj, cls):
+        raise TypeError(f"config node {node._key()} is {type(obj).__name__}, expected {cls.__name__}")
+    return obj
 
 
 def resolve_precision(precision: str) -> str:
@@ -47,7 +51,7 @@ def resolve_precision(precision: str) -> str:
 
 def build_loggers(cfg: LoggerConfig, run_dir: Path, resolved: dict[str, Any]) -> list[Logger]:
     """A CSV log always (run_dir/metrics.csv); W&B on request, offline unless configured otherwise."""
-    loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name="", version="")]
+    loggers: list[Logger] = [RunCSVLogger(run_dir)]
     if cfg.wandb and cfg.mode != "disabled":
         if cfg.mode not in ("offline", "online"):
             raise ValueError(f"logger.mode={cfg.mode!r}: use offline, online or disabled")

@@ -1,1 +1,1 @@
-"""magi_train.data."""
+"""Webdataset shards of pre-encoded clips: schema, writer, reader with packing, synthetic data."""

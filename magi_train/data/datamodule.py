@@ -76,8 +76,11 @@ class ClipDataModule(L.LightningDataModule):
         return make_loader(self._dataset(self.cfg.val_shards, infinite=False, seed=0), num_workers=0)
 
     # Lightning stores these in the checkpoint and hands them back on resume (before train_dataloader).
+    # The count comes from the trainer, which is right whatever the number of DataLoader workers.
     def state_dict(self) -> dict:
-        return self._train.state_dict() if self._train is not None else {}
+        if self.trainer is None:
+            return {}
+        return {"consumed": self.trainer.global_step * self.trainer.accumulate_grad_batches}
 
     def load_state_dict(self, state: dict) -> None:
         self._pending_state = state or None

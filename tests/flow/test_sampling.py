@@ -57,7 +57,7 @@ class _Recorder:
     def __call__(self, video, audio, text):
         self.calls.append([t.mean().item() for t in text])
         shift = [t.mean() for t in text]
-        return [v * 0.1 + s for v, s in zip(video, shift)], [a * 0.1 + s for a, s in zip(audio, shift)]
+        return [v * 0.1 + s for v, s in zip(video, shift, strict=True)], [a * 0.1 + s for a, s in zip(audio, shift, strict=True)]
 
 
 def _noise(seed=0):

@@ -14,7 +14,7 @@ def _random_tiny(seed: int = 0) -> DiT:
     torch.manual_seed(seed)
     model = DiT(copy.deepcopy(MODEL_CONFIGS["tiny"]))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.normal_(0, 0.02 if p.ndim == 2 else 0.1)  # non-zero heads and norms
     return model
 
@@ -71,7 +71,7 @@ def test_bf16_autocast_keeps_fp32_residual_and_outputs():
     hook.remove()
     assert seen == [torch.float32]  # residual stream stays fp32 under autocast
     assert all(o.dtype == torch.float32 for o in out_v + out_a)
-    for o, r in zip(out_v + out_a, ref_v + ref_a):
+    for o, r in zip(out_v + out_a, ref_v + ref_a, strict=True):
         assert torch.isfinite(o).all()
         assert (o - r).abs().max() < 0.05 * r.abs().max() + 1e-3  # bf16 GEMMs, fp32 norms/RoPE/heads
 
