@@ -158,7 +158,12 @@ class PretrainTask(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        rng = checkpoint.get("rng")
+        # Applied just before the first resumed step: building the dataloader iterator in between draws
+        # from the global RNG, which the uninterrupted run did at its start, not at this step.
+        self._resume_rng = checkpoint.get("rng")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        rng, self._resume_rng = getattr(self, "_resume_rng", None), None
         if rng:
             torch.set_rng_state(rng["torch"])
             name, keys, pos, has_gauss, cached = rng["numpy"]

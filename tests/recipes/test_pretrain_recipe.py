@@ -66,3 +66,23 @@ def test_smoke_run_learns_and_resumes(compose, tmp_path):
     assert out["global_step"] == 320
     steps = [s for s, _ in _losses(run_dir / "metrics.csv")]
     assert min(steps) < 10 and max(steps) >= 315  # the resumed run appended to the same metrics.csv
+
+
+def test_resume_is_exact(compose, tmp_path):
+    """10 steps + resume to 20 ends with the same weights, EMA and optimizer state as 20 straight steps."""
+    common = ["recipe=pretrain_base", "experiment=smoke", "trainer.enable_progress_bar=false",
+              "trainer.checkpoint_every_n_steps=10", "trainer.val_check_interval=null",
+              "data.synthetic.num_clips=64"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(compose(common + [f"run_dir={straight}", "trainer.max_steps=20"]))
+    run(compose(common + [f"run_dir={split}", "trainer.max_steps=10"]))
+    run(compose(common + [f"run_dir={split}", "trainer.max_steps=20", "resume=true"]))
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(split / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 20
+    for key in ("state_dict", "current_model_state"):  # EMA weights and raw weights
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}/{name} differs after resume"
+    exp_a = a["optimizer_states"][0]["state"]
+    exp_b = b["optimizer_states"][0]["state"]
+    assert all(torch.equal(exp_a[i]["exp_avg"], exp_b[i]["exp_avg"]) for i in exp_a)
