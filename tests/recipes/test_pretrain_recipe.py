@@ -86,3 +86,12 @@ def test_resume_is_exact(compose, tmp_path):
     exp_a = a["optimizer_states"][0]["state"]
     exp_b = b["optimizer_states"][0]["state"]
     assert all(torch.equal(exp_a[i]["exp_avg"], exp_b[i]["exp_avg"]) for i in exp_a)
+
+
+def test_wandb_logger_offline(compose, tmp_path):
+    run(compose(["recipe=pretrain_base", "experiment=smoke", "logger=wandb", f"run_dir={tmp_path}",
+                 "trainer.max_steps=6", "trainer.val_check_interval=null", "trainer.enable_progress_bar=false",
+                 "data.synthetic.num_clips=16"]))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))  # a run `wandb sync` can upload later
+    assert (tmp_path / "metrics.csv").is_file()  # the CSV log is always written too
