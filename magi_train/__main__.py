@@ -16,7 +16,7 @@ def run(cfg: DictConfig) -> Any:
     """Run the recipe's task on a composed config (tests call this directly)."""
     from magi_train.train import run_pretrain  # heavy imports after Hydra has parsed the command line
 
-    runners = {"pretrain": run_pretrain}
+    runners = {"pretrain": run_pretrain, "pretrain_sr": run_pretrain}
     if cfg.task not in runners:
         raise ValueError(f"recipe {cfg.recipe!r} names task {cfg.task!r}; known tasks: {sorted(runners)}")
     return runners[cfg.task](cfg)

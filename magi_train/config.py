@@ -61,6 +61,15 @@ class FlowConfig:
 
 
 @dataclass
+class SRConfig:
+    """Latent super-resolution inputs (recipe pretrain_sr), released values (spec §5)."""
+
+    alpha: float = 0.8389  # VP re-noise a; zero-SNR DDPM sqrt(alpha_bar) at noise_value 220
+    audio_noise_scale: float = 0.7  # audio condition = 0.7*eps + 0.3*audio
+    lowres_factor: int = 2  # spatial factor used to derive the low-res latent when a shard lacks lowres.npy
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -125,6 +134,7 @@ class Config:
     model: DiTConfig = field(default_factory=DiTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    sr: SRConfig = field(default_factory=SRConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)

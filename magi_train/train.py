@@ -12,13 +12,14 @@ from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, LearningRa
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from magi_train.config import DataConfig, FlowConfig, LoggerConfig, OptimConfig, TrainerConfig
+from magi_train.config import DataConfig, FlowConfig, LoggerConfig, OptimConfig, SRConfig, TrainerConfig
 from magi_train.csv_log import RunCSVLogger
 from magi_train.data.datamodule import ClipDataModule
 from magi_train.models.checkpoint import load_released
 from magi_train.models.dit import DiT, DiTConfig
 from magi_train.models.parallelize import parallelize
 from magi_train.tasks.pretrain import PretrainTask
+from magi_train.tasks.super_resolution import SuperResolutionTask
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
 
 
 def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
-    """Train the base DiT by flow matching. Returns a small summary (used by tests)."""
+    """Train the base DiT (task pretrain) or the latent SR DiT (task pretrain_sr) by flow matching."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -175,10 +176,16 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
         load_initial_weights(model, cfg.init_from)
     print(f"parameters: {model.num_parameters():,}")
     model = parallelize(model, model_cfg.activation_checkpointing, model_cfg.compile)
-    task = PretrainTask(
-        model, to_dataclass(cfg.flow, FlowConfig), to_dataclass(cfg.optim, OptimConfig),
+    common = dict(
+        flow_cfg=to_dataclass(cfg.flow, FlowConfig), optim_cfg=to_dataclass(cfg.optim, OptimConfig),
         max_steps=cfg.trainer.max_steps, text_dim=cfg.data.text_dim, seed=cfg.seed,
     )
+    if cfg.task == "pretrain_sr":
+        sr: SRConfig = to_dataclass(cfg.sr, SRConfig)
+        task = SuperResolutionTask(model, sr_alpha=sr.alpha, sr_audio_noise=sr.audio_noise_scale,
+                                   sr_factor=sr.lowres_factor, **common)
+    else:
+        task = PretrainTask(model, **common)
     trainer = build_trainer(cfg, run_dir, [], resolved)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     return {"global_step": trainer.global_step, "run_dir": str(run_dir)}

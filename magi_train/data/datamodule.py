@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-import glob
 import logging
 from pathlib import Path
 
 import lightning as L
 
 from magi_train.config import DataConfig
-from magi_train.data.reader import ShardDataset, make_loader
+from magi_train.data.reader import ShardDataset, expand_urls, make_loader
 from magi_train.data.synthetic import write_synthetic_shards
 
 log = logging.getLogger(__name__)
 
 
-def resolve_urls(spec: str) -> str | list[str]:
+def resolve_urls(spec: str) -> list[str]:
     """A directory means every `*.tar` in it; anything else (file, brace pattern, pipe:, url) goes to webdataset."""
-    path = Path(spec)
-    if path.is_dir():
-        tars = sorted(glob.glob(str(path / "*.tar")))
-        if not tars:
-            raise ValueError(f"data shards: directory {path} holds no .tar shards")
-        return tars
-    if "://" not in spec and not spec.startswith("pipe:") and "{" not in spec and not path.exists():
-        raise ValueError(f"data shards: {spec} does not exist (give a shard file, a directory, a brace "
-                         "pattern like shard-{000000..000009}.tar, or a url webdataset opens)")
-    return spec
+    return expand_urls(spec)
 
 
 def ensure_synthetic(cfg: DataConfig) -> None:
@@ -40,12 +30,19 @@ def ensure_synthetic(cfg: DataConfig) -> None:
             continue
         log.info("writing %d synthetic clips to %s", num_clips, out_dir)
         write_synthetic_shards(
-            out_dir, num_clips=num_clips, samples_per_shard=syn.samples_per_shard, seed=seed,
-            sizes=[tuple(s) for s in syn.sizes], text_len=syn.text_len, text_dim=cfg.text_dim,
+            out_dir,
+            num_clips=num_clips,
+            samples_per_shard=syn.samples_per_shard,
+            seed=seed,
+            sizes=[tuple(s) for s in syn.sizes],
+            text_len=syn.text_len,
+            text_dim=cfg.text_dim,
         )
 
 
 class ClipDataModule(L.LightningDataModule):
+    """Train (infinite, shuffled) and validation (one pass) loaders over clip shards."""
+
     def __init__(self, cfg: DataConfig):
         super().__init__()
         self.cfg = cfg
@@ -59,8 +56,13 @@ class ClipDataModule(L.LightningDataModule):
     def _dataset(self, urls: str, infinite: bool, seed: int) -> ShardDataset:
         c = self.cfg
         return ShardDataset(
-            resolve_urls(urls), text_dim=c.text_dim, max_tokens=c.max_tokens, max_clips=c.max_clips,
-            shuffle_buffer=c.shuffle_buffer if infinite else 0, seed=seed, infinite=infinite,
+            resolve_urls(urls),
+            text_dim=c.text_dim,
+            max_tokens=c.max_tokens,
+            max_clips=c.max_clips,
+            shuffle_buffer=c.shuffle_buffer if infinite else 0,
+            seed=seed,
+            infinite=infinite,
         )
 
     def train_dataloader(self):

@@ -1,66 +1,155 @@
-"""Write clips as webdataset tar shards (no pickle: arrays as .npy), each shard renamed into place atomically."""
+"""Write clips as webdataset tar shards (DESIGN.md "Shard format"): .npy without pickle, atomic per shard."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import webdataset as wds
 
-from magi_train.data.schema import Clip, encode_array
+from magi_train.data.schema import check_clip_arrays, encode_npy
+
+log = logging.getLogger(__name__)
 
 
-def clip_to_sample(clip: Clip, video_dtype=np.float16) -> dict:
-    """The tar members of one clip: video/audio/text .npy, caption.txt, meta.json, optional image/lowres."""
+def _numpy(x: Any) -> np.ndarray:
+    """Tensor or array -> numpy on CPU."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _cast(key: str, name: str, arr: np.ndarray, dtype: np.dtype) -> bytes:
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, with the key
+        out = arr.astype(dtype)
+    if not np.isfinite(out).all():  # e.g. |x| > 65504 overflows float16: the reader would reject it anyway
+        raise ValueError(
+            f"sample {key!r}: {name}: non-finite values after casting to {np.dtype(dtype).name} "
+            "(NaN/Inf in the clip, or values beyond the float16 range: store it as float32)"
+        )
+    return encode_npy(out)
+
+
+def clip_to_sample(clip: Any, video_dtype: Any = np.float16, text_dim: int | None = None) -> dict[str, Any]:
+    """The tar members of one Clip-like object (attributes key, video, audio, text; optional image, lowres,
+    caption, meta). Shapes are checked first, so a writer never produces a sample the reader would skip."""
+    key = str(clip.key)
+    if not key or "." in key:  # webdataset splits member names at the first dot: `a.b.video.npy` is key `a`
+        raise ValueError(f"sample key {key!r}: must be non-empty and contain no '.'")
+    video, audio, text = _numpy(clip.video), _numpy(clip.audio), _numpy(clip.text)
+    image = None if getattr(clip, "image", None) is None else _numpy(clip.image)
+    lowres = None if getattr(clip, "lowres", None) is None else _numpy(clip.lowres)
+    check_clip_arrays(key, video, audio, text, text_dim, image, lowres)
+    vdt = np.dtype(video_dtype)
+    if vdt not in (np.dtype(np.float16), np.dtype(np.float32)):
+        raise ValueError(f"video_dtype={vdt}: shards store float16 or float32")
     sample = {
-        "__key__": clip.key,
-        "video.npy": encode_array(clip.video.numpy().astype(video_dtype)),
-        "audio.npy": encode_array(clip.audio.numpy().astype(np.float32)),
-        "text.npy": encode_array(clip.text.numpy().astype(np.float16)),
-        "caption.txt": clip.caption.encode("utf-8"),
-        "meta.json": json.dumps(clip.meta).encode("utf-8"),
+        "__key__": key,
+        "video.npy": _cast(key, "video.npy", video, vdt),
+        "audio.npy": _cast(key, "audio.npy", audio, np.float32),  # small, and unscaled: keep full precision
+        "text.npy": _cast(key, "text.npy", text, np.float16),
+        "caption.txt": str(getattr(clip, "caption", "") or "").encode("utf-8"),
+        "meta.json": json.dumps(dict(getattr(clip, "meta", None) or {})).encode("utf-8"),
     }
-    if clip.image is not None:
-        sample["image.npy"] = encode_array(clip.image.numpy().astype(video_dtype))
-    if clip.lowres is not None:
-        sample["lowres.npy"] = encode_array(clip.lowres.numpy().astype(video_dtype))
+    if image is not None:
+        sample["image.npy"] = _cast(key, "image.npy", image, vdt)
+    if lowres is not None:
+        sample["lowres.npy"] = _cast(key, "lowres.npy", lowres, vdt)
     return sample
 
 
+def _fsync_dir(path: Path) -> None:
+    try:  # make the renames durable; not every filesystem allows opening a directory
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_shards(
-    out_dir: str | Path, clips: Iterable[Clip], samples_per_shard: int = 256, prefix: str = "shard",
-    video_dtype=np.float16,
-) -> list[Path]:
-    """Write `prefix-000000.tar`, ... into out_dir; a shard appears under its name only once complete."""
+    out_dir: str | Path,
+    samples: Iterable[Any],
+    samples_per_shard: int,
+    prefix: str = "shard",
+    video_dtype: Any = np.float16,
+    text_dim: int | None = None,
+    overwrite: bool = False,
+) -> list[str]:
+    """Write `prefix-000000.tar`, `prefix-000001.tar`, ... into out_dir and return their paths.
+
+    samples: Clip-like objects (see clip_to_sample). Video (and image/lowres) are stored as video_dtype,
+    text as float16, audio as float32. Each shard is written to a hidden temporary file in out_dir, synced
+    and renamed into place when complete, so a crash never leaves a partial shard under a final name.
+    Refuses to mix with existing `prefix-*.tar` shards unless overwrite=True, which also deletes stale
+    shards of that prefix beyond the ones written (a re-run with fewer clips leaves no old shard behind).
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard={samples_per_shard}: must be >= 1")
+    if not prefix or "/" in prefix or "." in prefix:
+        raise ValueError(f"prefix={prefix!r}: a plain file-name stem without '/' or '.'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    writer, tmp, count = None, None, 0
+    pattern = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar")
+    existing = sorted(p for p in out.iterdir() if pattern.fullmatch(p.name))
+    if existing and not overwrite:
+        raise ValueError(
+            f"{out} already holds {len(existing)} shard(s) named {prefix}-NNNNNN.tar: write to another "
+            "directory or prefix, or pass overwrite=True to replace them"
+        )
 
-    def close():
-        writer.close()
+    paths: list[str] = []
+    seen_keys: set[str] = set()
+    stream, sink, tmp, count = None, None, None, 0
+
+    def finish() -> None:
+        sink.close()  # closes the tar stream only; the file object stays ours to sync
+        stream.flush()
+        os.fsync(stream.fileno())
+        stream.close()
         final = out / f"{prefix}-{len(paths):06d}.tar"
         os.replace(tmp, final)
-        paths.append(final)
+        paths.append(str(final))
 
     try:
-        for clip in clips:
-            if writer is None:
-                tmp = out / f".{prefix}-{len(paths):06d}.tar.tmp"
-                writer, count = wds.TarWriter(str(tmp)), 0
-            writer.write(clip_to_sample(clip, video_dtype))
+        for item in samples:
+            sample = clip_to_sample(item, video_dtype, text_dim)
+            if sample["__key__"] in seen_keys:  # duplicate keys would merge or shadow each other when read
+                raise ValueError(f"sample key {sample['__key__']!r} written twice")
+            seen_keys.add(sample["__key__"])
+            if sink is None:
+                tmp = out / f".{prefix}-{len(paths):06d}.tar.tmp{os.getpid()}"
+                stream = open(tmp, "wb")  # closed in finish(), or below on failure
+                sink, count = wds.TarWriter(stream, encoder=False, mtime=0.0), 0  # mtime: reproducible bytes
+            sink.write(sample)
             count += 1
             if count == samples_per_shard:
-                close()
-                writer = None
-        if writer is not None:
-            close()
-            writer = None
+                finish()
+                sink = None
+        if sink is not None:
+            finish()
+            sink = None
     finally:
-        if writer is not None:  # an exception mid-shard: drop the partial file
-            writer.close()
-            Path(tmp).unlink(missing_ok=True)
+        if sink is not None:  # failed mid-shard: drop the partial file, keep the finished shards
+            try:
+                sink.close()
+            finally:
+                stream.close()
+                tmp.unlink(missing_ok=True)
+    _fsync_dir(out)
+    if overwrite:
+        for stale in existing:
+            if str(stale) not in paths:
+                stale.unlink(missing_ok=True)
+                log.info("removed stale shard %s", stale)
     return paths
