@@ -14,9 +14,19 @@ register_configs()
 
 def run(cfg: DictConfig) -> Any:
     """Run the recipe's task on a composed config (tests call this directly)."""
-    from magi_train.train import run_pretrain  # heavy imports after Hydra has parsed the command line
+    # heavy imports after Hydra has parsed the command line
+    from magi_train.distill import run_distill
+    from magi_train.eval.runner import run_evaluate
+    from magi_train.inference.generate import run_generate
+    from magi_train.train import run_pretrain
 
-    runners = {"pretrain": run_pretrain, "pretrain_sr": run_pretrain}
+    runners = {
+        "pretrain": run_pretrain,
+        "pretrain_sr": run_pretrain,
+        "dmd2": run_distill,
+        "generate": run_generate,
+        "evaluate": run_evaluate,
+    }
     if cfg.task not in runners:
         raise ValueError(f"recipe {cfg.recipe!r} names task {cfg.task!r}; known tasks: {sorted(runners)}")
     return runners[cfg.task](cfg)

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
+from magi_train.flow.sampling import Guidance
 from magi_train.models.dit import MODEL_CONFIGS, DiTConfig
 
 
@@ -38,6 +39,9 @@ class DataConfig:
     max_tokens: int = 16384  # token budget of one packed batch (video + audio + text over all clips)
     max_clips: int | None = None
     shuffle_buffer: int = 256
+    # > 0: each packed batch holds clips of one aspect-ratio / duration bucket (latent T, H, W), at most
+    # this many clips held while waiting (data/reader.py pack_bucketed); 0: pack in stream order
+    bucket_buffer: int = 0
     num_workers: int = 2
     seed: int = 0
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
@@ -99,13 +103,21 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 1000
     enable_progress_bar: bool = True
     deterministic: bool = False
+    # under Slurm: on SIGUSR1 (sbatch --signal=USR1@120) save <run_dir>/hpc_ckpt_N.ckpt and requeue the job;
+    # the requeued job resumes from it (Lightning SLURMEnvironment auto_requeue; launch/train.sbatch)
+    slurm_requeue: bool = True
 
 
 @dataclass
 class StrategyConfig:
-    name: str = "auto"  # auto | ddp | fsdp | deepspeed_stage_2 | deepspeed_stage_3
+    name: str = "auto"  # auto | ddp | fsdp | deepspeed_stage_2 | deepspeed_stage_3 (magi_train/strategies.py)
     find_unused_parameters: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
+    # sharded strategies: fsdp puts parameters and gradients on CPU; deepspeed the optimizer state (and the
+    # parameters at stage 3)
+    offload: bool = False
+    sharding_strategy: str = "FULL_SHARD"  # fsdp: FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD | NO_SHARD
+    state_dict_type: str = "sharded"  # fsdp checkpoints: sharded (a directory of per-rank shards) | full
+    options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the Lightning strategy
 
 
 @dataclass
@@ -117,6 +129,173 @@ class LoggerConfig:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     name: str | None = None
+
+
+@dataclass
+class GenerateConfig:
+    """Sampling with any checkpoint (recipe `generate`, magi_train/inference/generate.py); released defaults."""
+
+    prompt: str | None = None
+    text_features: str | None = None  # or pre-computed T5-Gemma features: .npy / .safetensors [L, D]
+    negative_prompt: str | None = None  # CFG uncond branch; None = the released negative prompt
+    negative_text_features: str | None = None  # or its pre-computed features
+    image: str | None = None  # i2v: first frame
+    image_resize: str = "center_crop"  # center_crop (release) | none (the image must have the base size)
+    audio: str | None = None  # a2v: driving audio (any file PyAV reads)
+    seconds: float = 4.0  # the clip has seconds*25+1 frames
+    width: int = 448  # base size (rounded down to multiples of 32, as the release does)
+    height: int = 256
+    sr_width: int | None = None  # SR size; needs sr_ckpt
+    sr_height: int | None = None
+    seed: int = 42  # the release's per-request default
+    base_ckpt: str | None = None  # our .ckpt or a released-format directory
+    distilled_ckpt: str | None = None  # instead of base_ckpt: 8-step distilled sampler, no CFG
+    sr_ckpt: str | None = None
+    base_model: str = "magihuman_15b"  # model config of a released-format base/distilled directory
+    sr_model: str = "magihuman_15b"
+    use_ema: bool = True  # EMA weights of our checkpoints when present
+    steps: int = 32  # released steps base / distilled / SR: 32 / 8 / 5 (spec §1)
+    distilled_steps: int = 8
+    sr_steps: int = 5
+    shift: float = 5.0  # released scheduler shift (spec §4.4)
+    cfg: bool = True  # classifier-free guidance of the base sampler
+    video_guidance: float = 5.0  # while t > guidance_switch_t; released 5.0 / 2.0 / 500 / 5.0 (spec §4.5)
+    video_guidance_late: float = 2.0
+    guidance_switch_t: float = 500.0
+    audio_guidance: float = 5.0
+    sr_alpha: float = 0.8389  # released SR re-noise a and audio noise scale (spec §5)
+    sr_audio_noise_scale: float = 0.7
+    codecs_dir: str | None = None  # a folder with video_vae/ audio_vae/ text_encoder/
+    video_vae: str | None = None  # each defaults to codecs_dir/<name>
+    audio_vae: str | None = None
+    text_encoder: str | None = None
+    tiny_codecs: bool = False  # write random tiny codecs into codecs_dir first (smoke runs: noise output)
+    output: str = "${run_dir}/sample.mp4"  # a JSON of settings and timings is written next to it
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA) | fp32 | bf16
+    progress: bool = True
+
+
+@dataclass
+class RoleConfig:
+    """One network of DMD-2 distillation (teacher, critic or student): weights, optimiser, memory options."""
+
+    checkpoint: str | None = None  # our Lightning .ckpt or a released-format dir; None = copy of the teacher
+    trainable: bool = True
+    lr: float = 2e-6  # constant LR of the video DMD recipes (CausVid, Self-Forcing; spec/dmd2.md §1)
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # beta1 = 0: Self-Forcing, FastVideo
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    grad_clip: float = 10.0  # max grad norm of this role (DMD2, CausVid, Self-Forcing); 0 disables
+    activation_checkpointing: bool = False
+    dtype: str = "fp32"  # fp32 | bf16 (frozen teacher only: block linears in bf16, run under autocast)
+
+
+@dataclass
+class DistillConfig:
+    """DMD-2 distillation into a few-step CFG-free student (recipe dmd2_distill, docs/dmd2.md)."""
+
+    teacher: RoleConfig = field(default_factory=lambda: RoleConfig(trainable=False, lr=0.0, dtype="bf16"))
+    critic: RoleConfig = field(default_factory=RoleConfig)
+    student: RoleConfig = field(default_factory=RoleConfig)
+    generator_every: int = 5  # TTUR: critic every iteration, student every N (DMD2, Self-Forcing)
+    num_student_steps: int = 8  # the released distilled sampler
+    shift: float = 5.0  # of the student's step list (released distilled schedule)
+    score_shift: float = 5.0  # of the DMD / critic noise levels (Self-Forcing 5)
+    score_sigma_min: float = 0.02  # DMD2 min/max step 0.02 / 0.98
+    score_sigma_max: float = 0.98
+    score_sigma_method: str = "clamp"  # clamp | truncate (flow/dmd.py sample_score_sigma)
+    guidance: Guidance = field(default_factory=Guidance)  # CFG inside the teacher (released scales)
+    negative_text: str = "null"  # uncond features: null (one zero token) or a .npy [L, D], as flow.null_text
+    normalizer: str = "per_sample"  # per_sample (DMD2) | batch (FastVideo) | none
+    audio_weight: float = 1.0  # weight of the audio DMD term (per-modality means)
+    mode_probs: dict[str, float] = field(default_factory=lambda: {"t2v": 0.8, "i2v": 0.1, "a2v": 0.1})
+    gan: bool = False  # DMD2 GAN term: a head on the critic's features, real latents from the shards
+    gan_generator_weight: float = 5e-3  # DMD2 SDXL
+    gan_critic_weight: float = 1e-2  # DMD2
+    gan_layer: int | None = None  # critic layer whose output feeds the head; None = the middle layer
+    ema_decay: float = 0.99  # EMA of the student (Self-Forcing 0.99); 0 disables
+    ema_start_step: int = 200  # iterations before the EMA starts averaging (copy until then; Self-Forcing)
+    ema_on_cpu: bool = False
+    save_teacher: bool = True  # False: checkpoints omit the frozen teacher, re-loaded from its path on resume
+    sample_clips: int = 2  # validation clips whose latents and x0 panels are saved per validation
+    sample_sigma: float = 0.5  # noise level at which teacher and critic x0 of the samples are shown
+
+
+@dataclass
+class EvalSuiteConfig:
+    """An eval suite (group `suite`, configs/suite/): a jsonl of prompts under eval/, or the latency table."""
+
+    name: str = "smoke"
+    kind: str = "quality"  # quality (VideoScore2-style scores + WER) | latency (Base / SR / Decode seconds)
+    prompts: str | None = None  # jsonl, relative to the repository root or absolute
+    limit: int | None = None  # only the first N prompts
+    seconds: float | None = None  # clip length for every prompt (else the prompt's, else generate.seconds)
+    # latency: rows of the table, each {name, width, height[, sr_width, sr_height]}; N timed runs per row
+    resolutions: list[dict[str, Any]] = field(default_factory=list)
+    repeats: int = 3
+    warmup: int = 1
+
+
+@dataclass
+class EvalASRConfig:
+    """Speech transcription for WER/CER (magi_train/eval/asr.py)."""
+
+    backend: str = "pocketsphinx"  # pocketsphinx (built-in English model) | whisper | transformers | glm_asr | none
+    path: str | None = None  # local model directory (whisper / glm_asr); nothing is downloaded
+    device: str = "auto"
+    dtype: str = "auto"
+    normalizer: str = "basic"  # basic (NFKC, lower case, no punctuation) | whisper (Whisper's English normaliser)
+
+
+@dataclass
+class EvalScorerConfig:
+    """Video quality scorer (magi_train/eval/videoscore.py)."""
+
+    backend: str = "proxy"  # videoscore2 (needs path) | proxy (no weights, smoke runs) | none
+    path: str | None = None  # local copy of TIGER-Lab/VideoScore2
+    device: str = "auto"
+    dtype: str = "auto"
+    fps: float = 2.0  # VideoScore2 samples 2 fps
+    max_new_tokens: int = 1024
+    max_frames: int | None = None
+    min_pixels: int | None = None  # per frame; None = the processor's (128*28*28)
+    max_pixels: int | None = None  # None = the processor's (768*28*28)
+
+
+@dataclass
+class EvalConfig:
+    """Recipe `evaluate` (magi_train/eval/runner.py): generate (via generate()) or reuse clips, score, report.
+
+    Models: `checkpoint` (one model, sampled with the `generate.*` settings), or `models` = {name: {key: value}}
+    with keys of `generate` (base_ckpt, distilled_ckpt, sr_ckpt, ...) or `clips_dir` (reuse existing clips
+    <clips_dir>/<prompt id>.mp4); or `clips_dir` alone. Without any of them, generate.base_ckpt/distilled_ckpt.
+    """
+
+    suite: EvalSuiteConfig = field(default_factory=EvalSuiteConfig)
+    checkpoint: str | None = None
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    clips_dir: str | None = None
+    generate_overrides: dict[str, Any] = field(default_factory=dict)  # generate.* values for eval's clips only
+    reuse: bool = True  # keep clips already in <output_dir>/clips/<model>/ instead of sampling them again
+    asr: EvalASRConfig = field(default_factory=EvalASRConfig)
+    scorer: EvalScorerConfig = field(default_factory=EvalScorerConfig)
+    bootstrap_resamples: int = 2000
+    confidence: float = 0.95
+    seed: int = 0  # bootstrap and pair-sheet randomness (clips use generate.seed)
+    compare: list[str] = field(default_factory=list)  # report.json files of other runs to add as rows
+    preference: str | None = None  # a CSV of pairwise judgements (system_a, system_b, winner) to summarise
+    pair_sheet: bool = False  # with >= 2 models: write the blind side-by-side HTML sheet for raters
+    sync_weights: str | None = None  # SyncNet weights (syncnet_v2.model or .safetensors): adds LSE-D / LSE-C
+    sync_vshift: int = 15  # offsets searched, in frames (+-)
+    output_dir: str = "${run_dir}"
+    # training-time evaluation (magi_train/eval/callback.py EvalCallback): every N optimizer steps sample the
+    # suite's first `callback_prompts` prompts with the model being trained, log the scores and
+    # `callback_videos` clips (with sound) to the loggers; 0 disables
+    every_n_steps: int = 0
+    callback_prompts: int = 4
+    callback_videos: int = 2
 
 
 @dataclass
@@ -139,6 +318,9 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def register_configs() -> None:
@@ -151,3 +333,14 @@ def register_configs() -> None:
     cs.store(name="schema", node=Config)
     for name, model_cfg in MODEL_CONFIGS.items():
         cs.store(group="model", name=name, node=model_cfg)
+    OmegaConf.register_new_resolver("magi_slurm_count", slurm_count, replace=True)
+
+
+def slurm_count(value: Any, key: str) -> int:
+    """Resolver of configs/hydra/launcher/slurm.yaml: sbatch needs node / GPU counts as numbers."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"hydra/launcher=slurm needs {key} as a number >= 1 (GPUs per node for trainer.devices, nodes "
+            f"for trainer.num_nodes), got {value!r}: add e.g. {key}=8"
+        )
+    return value

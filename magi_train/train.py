@@ -10,14 +10,24 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from magi_train.config import DataConfig, FlowConfig, LoggerConfig, OptimConfig, SRConfig, TrainerConfig
+from magi_train.config import (
+    DataConfig,
+    FlowConfig,
+    LoggerConfig,
+    OptimConfig,
+    SRConfig,
+    StrategyConfig,
+    TrainerConfig,
+)
 from magi_train.csv_log import RunCSVLogger
 from magi_train.data.datamodule import ClipDataModule
 from magi_train.models.checkpoint import load_released
 from magi_train.models.dit import DiT, DiTConfig
 from magi_train.models.parallelize import parallelize
+from magi_train.strategies import strategy_applies_activation_checkpointing
 from magi_train.tasks.pretrain import PretrainTask
 from magi_train.tasks.super_resolution import SuperResolutionTask
 
@@ -65,25 +75,34 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, resolved: dict[str, Any]) ->
     return loggers
 
 
-def build_strategy(cfg: DictConfig):
-    name = cfg.name
-    if name in ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3") and not cfg.options:
-        if name == "ddp" and cfg.find_unused_parameters:
-            return "ddp_find_unused_parameters_true"
-        return name
-    if name == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
+def build_strategy(cfg: DictConfig, precision: str = "32-true", activation_checkpointing: bool = False):
+    """The Lightning strategy of `configs/strategy/` (see magi_train/strategies.py)."""
+    from magi_train.strategies import build_strategy as _build
 
-        return DDPStrategy(find_unused_parameters=cfg.find_unused_parameters, **cfg.options)
-    if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
+    return _build(to_dataclass(cfg, StrategyConfig), precision, activation_checkpointing)
 
-        return FSDPStrategy(**cfg.options)
-    if name.startswith("deepspeed_stage_"):
-        from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        return DeepSpeedStrategy(stage=int(name[-1]), **cfg.options)
-    raise ValueError(f"strategy.name={name!r}: use auto, ddp, fsdp, deepspeed_stage_2 or deepspeed_stage_3")
+def check_ema_strategy(cfg: DictConfig) -> None:
+    """Lightning's EMA callback copies whole parameters: it cannot follow sharded ones, nor save with DeepSpeed."""
+    from magi_train.strategies import SHARDED
+
+    if cfg.optim.ema_decay > 0 and cfg.strategy.name in SHARDED:
+        raise ValueError(
+            f"optim.ema_decay={cfg.optim.ema_decay} (EMA) is not supported with strategy={cfg.strategy.name}: "
+            "set optim.ema_decay=0, or train with strategy=ddp"
+        )
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's EMA, except that the live model keeps its raw weights when training ends.
+
+    Lightning copies the average into the model in `on_train_end`, and ModelCheckpoint writes `last.ckpt` after
+    that (checkpoint callbacks run last), so a run stopping between checkpoint steps would save the EMA weights
+    as `current_model_state` and resume from them. Checkpoints already carry the EMA in `state_dict`.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[Callback], resolved: dict) -> L.Trainer:
@@ -96,16 +115,20 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[Callback], res
         LearningRateMonitor(logging_interval="step"),
         ConfigInCheckpoint(resolved),
     ]
+    check_ema_strategy(cfg)
     if cfg.optim.ema_decay > 0:
         callbacks.append(
-            EMAWeightAveraging(decay=cfg.optim.ema_decay, device="cpu" if cfg.optim.ema_on_cpu else None)
+            EMA(decay=cfg.optim.ema_decay, device="cpu" if cfg.optim.ema_on_cpu else None)
         )
+    precision = resolve_precision(t.precision)
+    plugins = [SLURMEnvironment(auto_requeue=t.slurm_requeue)] if SLURMEnvironment.detect() else None
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=build_strategy(cfg.strategy),
-        precision=resolve_precision(t.precision),
+        strategy=build_strategy(cfg.strategy, precision, cfg.model.activation_checkpointing),
+        precision=precision,
+        plugins=plugins,
         max_steps=t.max_steps,
         max_epochs=-1,
         accumulate_grad_batches=t.accumulate_grad_batches,
@@ -139,16 +162,45 @@ def load_initial_weights(model: DiT, path: str) -> None:
                          f"unexpected {unexpected[:8]}")
 
 
+def _written_at(path: Path) -> float:
+    """Last write time of a checkpoint file, or of the newest file in a sharded checkpoint directory."""
+    if path.is_dir():
+        return max((f.stat().st_mtime for f in path.rglob("*") if f.is_file()), default=path.stat().st_mtime)
+    return path.stat().st_mtime
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The latest of <run_dir>/checkpoints/last*.ckpt and the preemption checkpoints <run_dir>/hpc_ckpt_N.ckpt.
+
+    A checkpoint is a file, or a directory for sharded strategies (DeepSpeed, FSDP state_dict_type=sharded).
+    Lightning writes last-v1.ckpt, ... beside last.ckpt when a resumed run's checkpoint settings changed.
+    """
+    found = [*(run_dir / "checkpoints").glob("last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    return max(found, key=_written_at, default=None)
+
+
 def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """ckpt_path, else with resume=true the newest checkpoint of the run directory.
+
+    A requeued Slurm job (Lightning detects Slurm; trainer.slurm_requeue) resumes from the newest
+    checkpoint of its run directory without flags, as Lightning's own auto-requeue does, but never from a
+    preemption checkpoint that a later last.ckpt has superseded.
+    """
     if cfg.ckpt_path:
-        if not Path(cfg.ckpt_path).is_file():
+        if not Path(cfg.ckpt_path).exists():
             raise ValueError(f"ckpt_path={cfg.ckpt_path} does not exist")
         return cfg.ckpt_path
+    newest = newest_checkpoint(run_dir)
     if cfg.resume:
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            raise ValueError(f"resume=true but {last} does not exist: pass hydra.run.dir=<the run's directory>")
-        return str(last)
+        if newest is None:
+            raise ValueError(
+                f"resume=true but {run_dir} holds no checkpoints/last.ckpt nor hpc_ckpt_*.ckpt: "
+                "pass hydra.run.dir=<the run's directory>"
+            )
+        return str(newest)
+    if newest is not None and cfg.trainer.slurm_requeue and SLURMEnvironment.detect():
+        log.info("Slurm job with checkpoints in its run directory (requeued): resuming from %s", newest)
+        return str(newest)
     return None
 
 
@@ -175,7 +227,9 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
     if cfg.init_from and ckpt_path is None:  # a resumed run takes its weights from the checkpoint
         load_initial_weights(model, cfg.init_from)
     print(f"parameters: {model.num_parameters():,}")
-    model = parallelize(model, model_cfg.activation_checkpointing, model_cfg.compile)
+    # FSDP applies activation checkpointing itself, after wrapping (magi_train/strategies.py)
+    own_ac = not strategy_applies_activation_checkpointing(cfg.strategy.name)
+    model = parallelize(model, model_cfg.activation_checkpointing and own_ac, model_cfg.compile)
     common = dict(
         flow_cfg=to_dataclass(cfg.flow, FlowConfig), optim_cfg=to_dataclass(cfg.optim, OptimConfig),
         max_steps=cfg.trainer.max_steps, text_dim=cfg.data.text_dim, seed=cfg.seed,
@@ -186,6 +240,8 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
                                    sr_factor=sr.lowres_factor, **common)
     else:
         task = PretrainTask(model, **common)
-    trainer = build_trainer(cfg, run_dir, [], resolved)
+    from magi_train.eval.callback import eval_callbacks  # sample + score a suite every eval.every_n_steps
+
+    trainer = build_trainer(cfg, run_dir, eval_callbacks(cfg), resolved)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     return {"global_step": trainer.global_step, "run_dir": str(run_dir)}

@@ -142,6 +142,10 @@ class AudioVAE:
         return self.model.decode(z).sample.float()
 
 
+class AudioTooShortError(ValueError):
+    """The audio track ends before the requested duration (a2v input, data preparation)."""
+
+
 def load_audio(path: str | Path, seconds: float, sample_rate: int = EFFECTIVE_SAMPLE_RATE) -> torch.Tensor:
     """First `seconds` of any audio/video file's first audio stream -> `[2, round(seconds * 51200)]` fp32.
 
@@ -179,7 +183,7 @@ def load_audio(path: str | Path, seconds: float, sample_rate: int = EFFECTIVE_SA
         raise ValueError(f"could not decode audio from {str(path)!r}: {err}") from err
     if have < wanted:
         short = wanted - have
-        raise ValueError(
+        raise AudioTooShortError(
             f"{str(path)!r} has {have / sample_rate:.3f} s of audio but {seconds} s were requested "
             f"({short} samples = {short / sample_rate:.3f} s too short)"
         )

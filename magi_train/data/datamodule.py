@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 
 from magi_train.config import DataConfig
+from magi_train.data.distributed import EvenAcrossRanks
 from magi_train.data.reader import ShardDataset, expand_urls, make_loader
 from magi_train.data.synthetic import write_synthetic_shards
 
@@ -60,6 +61,7 @@ class ClipDataModule(L.LightningDataModule):
             text_dim=c.text_dim,
             max_tokens=c.max_tokens,
             max_clips=c.max_clips,
+            bucket_buffer=c.bucket_buffer,
             shuffle_buffer=c.shuffle_buffer if infinite else 0,
             seed=seed,
             infinite=infinite,
@@ -75,7 +77,10 @@ class ClipDataModule(L.LightningDataModule):
     def val_dataloader(self):
         if not self.cfg.val_shards:
             return []
-        return make_loader(self._dataset(self.cfg.val_shards, infinite=False, seed=0), num_workers=0)
+        # the same number of batches on every rank: ZeRO-3 / FSDP forwards are collective (data/distributed.py)
+        limit = self.trainer.limit_val_batches if self.trainer is not None else None
+        dataset = self._dataset(self.cfg.val_shards, infinite=False, seed=0)
+        return make_loader(EvenAcrossRanks(dataset, limit if isinstance(limit, int) else None), num_workers=0)
 
     # Lightning stores these in the checkpoint and hands them back on resume (before train_dataloader).
     # The count comes from the trainer, which is right whatever the number of DataLoader workers.

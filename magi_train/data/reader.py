@@ -135,6 +135,65 @@ def pack_by_tokens(
         yield ClipBatch.from_clips(pending)
 
 
+def bucket_key(clip: Clip) -> tuple[int, int, int]:
+    """Aspect-ratio / duration bucket of a clip: its video latent shape (T, H, W)."""
+    _, t, h, w = clip.video.shape
+    return int(t), int(h), int(w)
+
+
+def pack_bucketed(
+    clips: Iterable[Clip], max_tokens: int, max_clips: int | None = None, buffer: int = 256
+) -> Iterator[ClipBatch]:
+    """Pack clips to a token budget like pack_by_tokens, but each batch holds clips of one bucket only.
+
+    Clips wait in per-bucket queues (same latent T, H, W: same aspect ratio, resolution and duration, so
+    their token counts differ only by text length). A queue becomes a batch when the next clip would break
+    max_tokens or max_clips; when `buffer` clips are waiting in all, the fullest queue is emitted early,
+    which bounds memory. At the end every queue is emitted: no clip is lost. Deterministic for a given
+    clip stream, so resuming by re-reading the stream gives the same batches. `buffer` should hold a few
+    batches per bucket (buckets x clips per batch x 2, say).
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
+    if max_clips is not None and max_clips < 1:
+        raise ValueError(f"max_clips={max_clips}: must be >= 1 or None")
+    if buffer < 1:
+        raise ValueError(f"bucket buffer={buffer}: must be >= 1 clip")
+    queues: dict[tuple[int, int, int], list[Clip]] = {}
+    tokens: dict[tuple[int, int, int], int] = {}
+    held, oversized = 0, 0
+    for clip in clips:
+        key, n = bucket_key(clip), clip.num_tokens
+        queue = queues.setdefault(key, [])
+        if queue and (tokens[key] + n > max_tokens or (max_clips is not None and len(queue) >= max_clips)):
+            yield ClipBatch.from_clips(queue)
+            held -= len(queue)
+            queue.clear()
+            tokens[key] = 0
+        if n > max_tokens:
+            oversized += 1
+            if oversized == 1:
+                log.warning(
+                    "clip %s has %d tokens > max_tokens=%d: it becomes a batch of its own (raise "
+                    "max_tokens or re-cut long clips; further ones are not reported)",
+                    clip.key,
+                    n,
+                    max_tokens,
+                )
+        queue.append(clip)
+        tokens[key] = tokens.get(key, 0) + n
+        held += 1
+        if held >= buffer:  # the fullest queue is nearest to a full batch: emit it
+            full = max((k for k in queues if queues[k]), key=lambda k: tokens[k])
+            yield ClipBatch.from_clips(queues[full])
+            held -= len(queues[full])
+            queues[full].clear()
+            tokens[full] = 0
+    for queue in queues.values():
+        if queue:
+            yield ClipBatch.from_clips(queue)
+
+
 def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:") and url != "-"
 
@@ -182,6 +241,8 @@ class ShardDataset(IterableDataset):
     urls: shard paths, a directory, a brace pattern, or anything webdataset opens (e.g. `pipe:`).
     shuffle_buffer: clips held for shuffling (0 = read order). infinite: repeat epochs forever with a fresh
     shard order per epoch (training); otherwise one pass in the given order (validation).
+    bucket_buffer: 0 packs clips in stream order (pack_by_tokens); > 0 packs each batch from one
+    aspect-ratio / duration bucket, holding up to that many clips (pack_bucketed).
     Bad samples are skipped, counted (`stats`) and logged; a shard with no valid sample among those read,
     or a reader that finds no valid sample at all, raises ValueError naming the shards and reasons.
     """
@@ -195,6 +256,7 @@ class ShardDataset(IterableDataset):
         shuffle_buffer: int = 0,
         seed: int = 0,
         infinite: bool = False,
+        bucket_buffer: int = 0,
     ):
         super().__init__()
         if text_dim < 1 or max_tokens < 1 or shuffle_buffer < 0 or (max_clips is not None and max_clips < 1):
@@ -202,6 +264,9 @@ class ShardDataset(IterableDataset):
                 f"ShardDataset: need text_dim >= 1, max_tokens >= 1, max_clips >= 1 or None, "
                 f"shuffle_buffer >= 0 (got {text_dim}, {max_tokens}, {max_clips}, {shuffle_buffer})"
             )
+        if bucket_buffer < 0:
+            raise ValueError(f"ShardDataset: bucket_buffer={bucket_buffer}: 0 (no bucketing) or >= 1 clips")
+        self.bucket_buffer = bucket_buffer
         self.urls = expand_urls(urls)
         self.text_dim, self.max_tokens, self.max_clips = text_dim, max_tokens, max_clips
         self.shuffle_buffer, self.seed, self.infinite = shuffle_buffer, seed, infinite
@@ -385,7 +450,11 @@ class ShardDataset(IterableDataset):
             rng = random.Random(f"clips:{self.seed}:{epoch}:{rank}:{worker}")
             clips = self._shuffled(self._epoch_clips(epoch, reader), rng)
             produced = 0
-            for batch in pack_by_tokens(clips, self.max_tokens, self.max_clips):
+            if self.bucket_buffer:
+                batches = pack_bucketed(clips, self.max_tokens, self.max_clips, self.bucket_buffer)
+            else:
+                batches = pack_by_tokens(clips, self.max_tokens, self.max_clips)
+            for batch in batches:
                 produced += 1
                 if skip:
                     skip -= 1

@@ -64,7 +64,7 @@ def clip_to_sample(clip: Any, video_dtype: Any = np.float16, text_dim: int | Non
     return sample
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:  # make the renames durable; not every filesystem allows opening a directory
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -146,7 +146,7 @@ def write_shards(
             finally:
                 stream.close()
                 tmp.unlink(missing_ok=True)
-    _fsync_dir(out)
+    fsync_dir(out)
     if overwrite:
         for stale in existing:
             if str(stale) not in paths:

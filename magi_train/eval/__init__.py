@@ -1,1 +1,61 @@
-"""magi_train.eval."""
+"""Evaluation (recipe `evaluate`): VideoScore2-style scores, ASR WER/CER, lip sync, preference studies, latency.
+
+Light imports only; the Lightning callback lives in `magi_train.eval.callback`, the runner in `.runner`.
+"""
+
+from magi_train.eval.asr import ASR_BACKENDS, ASRBackend, load_asr
+from magi_train.eval.preference import (
+    Judgement,
+    bradley_terry,
+    judgements_from_sheet,
+    pairwise_rates,
+    preference_report,
+    read_judgements,
+    write_pair_sheet,
+)
+from magi_train.eval.speech import SpeechScore, aggregate, prompt_reference, score_transcript
+from magi_train.eval.stats import Estimate, bootstrap, mean_ci, ratio_ci
+from magi_train.eval.suite import SuitePrompt, load_suite
+from magi_train.eval.text import DialogueLine, extract_dialogue, normalize_text
+from magi_train.eval.videoscore import (
+    DIMENSIONS,
+    ProxyScorer,
+    VideoScore2Scorer,
+    VideoScorer,
+    VideoScores,
+    load_scorer,
+    parse_scores,
+)
+
+__all__ = [
+    "ASR_BACKENDS",
+    "DIMENSIONS",
+    "ASRBackend",
+    "DialogueLine",
+    "Estimate",
+    "Judgement",
+    "ProxyScorer",
+    "SpeechScore",
+    "SuitePrompt",
+    "VideoScore2Scorer",
+    "VideoScorer",
+    "VideoScores",
+    "aggregate",
+    "bootstrap",
+    "bradley_terry",
+    "extract_dialogue",
+    "judgements_from_sheet",
+    "load_asr",
+    "load_scorer",
+    "load_suite",
+    "mean_ci",
+    "normalize_text",
+    "pairwise_rates",
+    "parse_scores",
+    "preference_report",
+    "prompt_reference",
+    "ratio_ci",
+    "read_judgements",
+    "score_transcript",
+    "write_pair_sheet",
+]

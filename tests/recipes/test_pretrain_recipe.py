@@ -68,14 +68,15 @@ def test_smoke_run_learns_and_resumes(compose, tmp_path):
     assert min(steps) < 10 and max(steps) >= 315  # the resumed run appended to the same metrics.csv
 
 
-def test_resume_is_exact(compose, tmp_path):
-    """10 steps + resume to 20 ends with the same weights, EMA and optimizer state as 20 straight steps."""
+@pytest.mark.parametrize("split_at", [10, 7])  # on a checkpoint step; at the end-of-training save
+def test_resume_is_exact(compose, tmp_path, split_at):
+    """N steps + resume to 20 ends with the same weights, EMA and optimizer state as 20 straight steps."""
     common = ["recipe=pretrain_base", "experiment=smoke", "trainer.enable_progress_bar=false",
               "trainer.checkpoint_every_n_steps=10", "trainer.val_check_interval=null",
               "data.synthetic.num_clips=64"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run(compose(common + [f"run_dir={straight}", "trainer.max_steps=20"]))
-    run(compose(common + [f"run_dir={split}", "trainer.max_steps=10"]))
+    run(compose(common + [f"run_dir={split}", f"trainer.max_steps={split_at}"]))
     run(compose(common + [f"run_dir={split}", "trainer.max_steps=20", "resume=true"]))
     a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(split / "checkpoints" / "last.ckpt", weights_only=True)

@@ -1,0 +1,80 @@
+"""Reading generated clips for scoring: the audio track as mono float at a given rate, frames at a given fps (PyAV)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _check(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"clip {str(path)!r} not found")
+    return path
+
+
+def read_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
+    """The first audio stream of a media file as mono float32 in [-1, 1] at `sample_rate` (empty if none).
+
+    Decoded and resampled with PyAV's swresample to s16 mono, as whisper/ffmpeg front ends do.
+    """
+    import av
+
+    path = _check(path)
+    chunks: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                return np.zeros(0, dtype=np.float32)
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
+            for frame in container.decode(audio=0):
+                chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
+            chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
+    except av.error.FFmpegError as err:
+        raise ValueError(f"could not decode audio from {str(path)!r}: {err}") from err
+    if not chunks:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32) / 32768.0
+
+
+def read_frames(
+    path: str | Path, fps: float | None = None, max_frames: int | None = None
+) -> tuple[np.ndarray, float]:
+    """RGB frames `[F, H, W, 3]` uint8 of a clip and their rate.
+
+    With `fps`, frames are taken at that rate by presentation time (the frame shown at t = k / fps, k = 0, 1,
+    ...), as VideoScore2 samples 2 fps; `max_frames` then keeps evenly spaced ones. Without it, every frame.
+    """
+    import av
+
+    path = _check(path)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"clip {str(path)!r} has no video stream")
+            stream = container.streams.video[0]
+            native = float(stream.average_rate or stream.guessed_rate or 25)
+            frames, times = [], []
+            for frame in container.decode(video=0):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                times.append(float(frame.time) if frame.time is not None else len(times) / native)
+    except av.error.FFmpegError as err:
+        raise ValueError(f"could not decode video from {str(path)!r}: {err}") from err
+    if not frames:
+        raise ValueError(f"clip {str(path)!r} has no decodable frames")
+    video = np.stack(frames)
+    rate = native
+    if fps is not None:
+        if fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        t = np.asarray(times) - times[0]
+        duration = t[-1] + 1.0 / native
+        wanted = np.arange(0.0, duration - 1e-9, 1.0 / fps)
+        index = np.clip(np.searchsorted(t, wanted + 1e-6, side="right") - 1, 0, len(t) - 1)
+        video, rate = video[index], float(fps)
+    if max_frames is not None and len(video) > max_frames:
+        keep = np.linspace(0, len(video) - 1, max_frames).round().astype(int)
+        rate = rate * (max_frames - 1) / max(len(video) - 1, 1)
+        video = video[keep]
+    return video, rate

@@ -1,0 +1,599 @@
+"""DMD-2 distillation of the joint audio-video DiT into a few-step CFG-free student (Yin et al., arXiv 2405.14867).
+
+Three roles share the DiT architecture: the frozen teacher (real score, CFG inside), the critic (fake score,
+trainable, initialised from the teacher) and the student (generator). The LightningModule wires the pure
+functions of `magi_train.flow.dmd` together under manual optimisation: the critic steps every iteration,
+the student every `generator_every` iterations (two-time-scale rule), each role with its own AdamW,
+clipping and schedule. `trainer.global_step` counts iterations (critic updates). The student's EMA and the
+validation samples of its 8-step sampler are handled by `StudentEMA` and `validation_step`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import safetensors.torch
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor, nn
+
+from magi_train.config import DistillConfig, OptimConfig, RoleConfig
+from magi_train.data.reader import ClipBatch
+from magi_train.flow import dmd
+from magi_train.flow.matching import Mode, drop_text, sample_modes
+from magi_train.flow.sampling import sample_distilled
+from magi_train.models.dit import TEXT, DiT, PackedSeq
+from magi_train.tasks.pretrain import build_optimizer, load_null_text
+
+EMA_KEY = "student_ema_state"  # where on_load_checkpoint hands the saved EMA weights to StudentEMA
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conditioning and the DiT as a ScoreModel
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DiTCondition:
+    """Conditioning of a batch of clips; teacher, critic and student receive the same object."""
+
+    text: list[Tensor]  # per clip [L, D]
+    first_frames: list[Tensor | None]  # i2v: clean first latent frame [48, 1, H, W], else None
+    clean_audio: list[Tensor | None]  # a2v: clean audio latent [A, 64], else None
+
+    def with_text(self, text: list[Tensor]) -> DiTCondition:
+        """The same image/audio conditions with other text features (the CFG uncond branch)."""
+        return dataclasses.replace(self, text=text)
+
+
+class DiTScore:
+    """The `dmd.ScoreModel` view of a timestep-free DiT: ([video clips, audio clips], sigma [N], cond) -> [v, a].
+
+    sigma never reaches the DiT (no timestep input). Conditioning is by replacement, as in the sampler: the
+    clean first frame (i2v) and the clean audio (a2v) replace the noisy inputs, and their velocity is set to
+    (x_s - clean) / s, so that every role's x0 equals the condition there. The DMD gradient and the critic
+    loss are then zero on conditioned parts, as the pretraining loss is. `autocast_dtype` runs a bf16-stored
+    teacher under autocast.
+    """
+
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None):
+        self.model = model
+        self.autocast_dtype = autocast_dtype
+
+    def __call__(self, xs: dmd.Batch, sigma: Tensor, cond: DiTCondition) -> dmd.Batch:
+        video, audio = xs
+        video_in, audio_in = list(video), list(audio)
+        for i, (first, clean) in enumerate(zip(cond.first_frames, cond.clean_audio, strict=True)):
+            if first is not None:
+                video_in[i] = torch.cat([first.to(video[i]), video[i][:, 1:]], dim=1)
+            if clean is not None:
+                audio_in[i] = clean.to(audio[i])
+        device = video[0].device
+        if self.autocast_dtype is not None:
+            with torch.autocast(device.type, dtype=self.autocast_dtype):
+                v, a = self.model(video_in, audio_in, cond.text)
+        else:
+            v, a = self.model(video_in, audio_in, cond.text)
+        v, a = list(v), list(a)
+        s = sigma.to(device).clamp_min(1e-6)  # model calls never use s = 0; guard the division anyway
+        for i, (first, clean) in enumerate(zip(cond.first_frames, cond.clean_audio, strict=True)):
+            if first is not None:
+                v0 = (video[i][:, :1] - first.to(video[i])) / s[i]
+                v[i] = torch.cat([v0.to(v[i]), v[i][:, 1:]], dim=1)
+            if clean is not None:
+                a[i] = ((audio[i] - clean.to(audio[i])) / s[i]).to(a[i])
+        return [v, a]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optional GAN term: a small head on the critic's features (DMD2)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class FeatureTap:
+    """Keeps the output (and packing layout) of one critic layer from its latest forward."""
+
+    def __init__(self, layer: nn.Module):
+        self.value: tuple[Tensor, PackedSeq] | None = None
+        self.handle = layer.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self.value = (output, args[1])
+
+    def pop(self) -> tuple[Tensor, PackedSeq]:
+        if self.value is None:
+            raise RuntimeError("no critic features captured: the critic did not run since the last pop")
+        value, self.value = self.value, None
+        return value
+
+
+class DiscriminatorHead(nn.Module):
+    """One logit per clip: an MLP scores every video and audio token of the critic's features, averaged per
+    clip (a token-level "patch" discriminator; DMD2 puts a small conv head on the UNet bottleneck)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, h: Tensor, seq: PackedSeq) -> Tensor:
+        logits = self.net(h.float()).squeeze(-1)  # [L], packed order [v1 a1 t1 | v2 a2 t2 | ...]
+        keep = (seq.modality != TEXT).to(logits.dtype)
+        lens = (seq.cu_seqlens[1:] - seq.cu_seqlens[:-1]).long()
+        clip = torch.repeat_interleave(torch.arange(len(lens), device=logits.device), lens)
+        total = logits.new_zeros(len(lens)).index_add(0, clip, logits * keep)
+        count = logits.new_zeros(len(lens)).index_add(0, clip, keep)
+        return total / count.clamp_min(1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The LightningModule
+# ---------------------------------------------------------------------------------------------------------
+
+
+def stream_seed(seed: int, step: int, name: str, rank: int = 0) -> int:
+    """A seed per (run seed, micro-step, stream, rank): noise is reproducible on resume without saved RNG state
+    and differs across ranks; only the step index k uses a rank-independent stream (`dmd.shared_generator`)."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{name}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def role_optim(role: RoleConfig) -> OptimConfig:
+    """The pretrain optimiser builder's config for one role (AdamW, no decay on norms/biases, warm-up then constant)."""
+    return OptimConfig(
+        lr=role.lr, betas=list(role.betas), eps=role.eps, weight_decay=role.weight_decay,
+        warmup_steps=role.warmup_steps, schedule="constant", grad_clip=role.grad_clip, ema_decay=0.0,
+    )
+
+
+def _noop() -> None:
+    return None
+
+
+class DMD2Task(L.LightningModule):
+    """DMD-2 over named roles with backward simulation, TTUR, per-role AdamW and clipping, optional GAN."""
+
+    def __init__(
+        self,
+        teacher: DiT,
+        critic: DiT,
+        student: DiT,
+        cfg: DistillConfig,
+        text_dim: int,
+        seed: int = 0,
+        accumulate: int = 1,
+        sample_dir: str | None = None,
+    ):
+        super().__init__()
+        validate_distill(cfg)
+        if accumulate < 1:
+            raise ValueError(f"gradient accumulation must be >= 1, got {accumulate}")
+        self.automatic_optimization = False
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.critic, self.student = critic, student
+        self.cfg, self.seed, self.accumulate = cfg, seed, accumulate
+        self.sample_dir = Path(sample_dir) if sample_dir else None
+        self.register_buffer("null_text", load_null_text(cfg.negative_text, text_dim), persistent=False)
+        sigmas = dmd.student_sigmas(cfg.num_student_steps, cfg.shift)
+        self.register_buffer("student_sigmas", sigmas, persistent=False)
+        bf16 = torch.bfloat16 if cfg.teacher.dtype == "bf16" else None
+        self.teacher_score, self.critic_score = DiTScore(teacher, bf16), DiTScore(critic)
+        self.student_score = DiTScore(student)
+        self.disc: DiscriminatorHead | None = None
+        self._tap: FeatureTap | None = None
+        if cfg.gan:
+            layers = critic.block.layers
+            index = len(layers) // 2 if cfg.gan_layer is None else cfg.gan_layer
+            if not 0 <= index < len(layers):
+                raise ValueError(f"distill.gan_layer={cfg.gan_layer}: the critic has layers 0..{len(layers) - 1}")
+            self.disc = DiscriminatorHead(critic.cfg.hidden_size)
+            self._tap = FeatureTap(layers[index])
+        self.generator_stepped = False  # read (and reset) by StudentEMA after each generator update
+        self._micro = 0  # micro-batch within the current iteration (gradient accumulation)
+        self._gen_logs: dict[str, Tensor] = {}
+
+    def train(self, mode: bool = True) -> DMD2Task:
+        super().train(mode)
+        self.teacher.eval()  # the real score stays frozen in eval mode
+        return self
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+
+    def _generator(self, step: int, name: str, device: torch.device | str | None = None) -> torch.Generator:
+        device = self.device if device is None else device
+        return torch.Generator(device=device).manual_seed(stream_seed(self.seed, step, name, self.global_rank))
+
+    def conditioning(self, batch: ClipBatch, generator: torch.Generator) -> tuple[DiTCondition, DiTCondition]:
+        """(cond, uncond) of a batch: modes drawn per clip; uncond = negative-prompt features, same image/audio."""
+        n = len(batch)
+        modes = sample_modes(n, self.cfg.mode_probs, generator=generator)
+        images = batch.image if len(batch.image) == n else [None] * n
+        first = [
+            ((img if img is not None else v[:, :1]) if m == Mode.I2V else None)
+            for m, img, v in zip(modes, images, batch.video, strict=True)
+        ]
+        audio = [a if m == Mode.A2V else None for m, a in zip(modes, batch.audio, strict=True)]
+        cond = DiTCondition(list(batch.text), first, audio)
+        uncond = cond.with_text(drop_text(batch.text, torch.ones(n, dtype=torch.bool), self.null_text))
+        return cond, uncond
+
+    def score_sigma(self, n: int, generator: torch.Generator) -> Tensor:
+        c = self.cfg
+        return dmd.sample_score_sigma(
+            n, c.score_sigma_min, c.score_sigma_max, c.score_shift, generator=generator, device=self.device,
+            method=c.score_sigma_method,
+        )
+
+    def discriminate(self, x0: dmd.Batch, sigma: Tensor, cond: DiTCondition, generator: torch.Generator) -> Tensor:
+        """GAN logits [N] of clean latents x0, diffusion-noised to sigma and read through the critic's features."""
+        assert self.disc is not None and self._tap is not None
+        x_t = dmd.noise_batch(x0, dmd.randn_like_batch(x0, generator), sigma)
+        self.critic_score(x_t, sigma, cond)
+        return self.disc(*self._tap.pop())
+
+    # -- the two objectives ------------------------------------------------------------------------------------
+
+    def generator_objective(
+        self, x_k: dmd.Batch, k: int, cond: DiTCondition, uncond: DiTCondition, generator: torch.Generator
+    ) -> tuple[Tensor, dmd.Batch, dict[str, Tensor]]:
+        """Student x0 at step k (with grad) and its DMD loss (+ GAN generator term). Returns (loss, x_g, logs)."""
+        c = self.cfg
+        x_g = dmd.student_x0(self.student_score, x_k, self.student_sigmas[k], cond)
+        n = dmd.num_samples(x_g)
+        sigma = self.score_sigma(n, generator)
+        out = dmd.dmd_generator_loss(
+            x_g, self.teacher_score, self.critic_score, sigma, cond, uncond, c.guidance, c.normalizer,
+            [1.0, c.audio_weight], generator=generator,
+        )
+        g_video, g_audio = dmd.mean_abs(out.g)
+        logs = {
+            "dmd_loss": out.loss.detach(), "g_abs_video": g_video, "g_abs_audio": g_audio,
+            "score_sigma": sigma.mean(), "step_index": torch.tensor(float(k)),
+            "student_video_std": _modality_std(x_g[0]), "student_audio_std": _modality_std(x_g[1]),
+        }
+        loss = out.loss
+        if c.gan:
+            self._tap.value = None
+            gan = dmd.gan_generator_loss(self.discriminate(x_g, self.score_sigma(n, generator), cond, generator))
+            loss = loss + c.gan_generator_weight * gan
+            logs["gan_generator_loss"] = gan.detach()
+        return loss, x_g, logs
+
+    def critic_objective(
+        self, x_g: dmd.Batch, real: dmd.Batch, cond: DiTCondition, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Flow-matching loss of the critic on detached student samples (+ GAN discriminator term)."""
+        c = self.cfg
+        x_g = dmd.detach(x_g)
+        n = dmd.num_samples(x_g)
+        sigma = self.score_sigma(n, generator)
+        loss = dmd.critic_loss(self.critic_score, x_g, sigma, cond, generator=generator)
+        logs = {"critic_loss": loss.detach()}
+        if c.gan:
+            fake = self.disc(*self._tap.pop())  # features of the critic pass that gave the loss above
+            real_logits = self.discriminate(real, self.score_sigma(n, generator), cond, generator)
+            gan = dmd.gan_discriminator_loss(real_logits, fake)
+            loss = loss + c.gan_critic_weight * gan
+            logs["gan_critic_loss"] = gan.detach()
+            logs["gan_real_logit"] = real_logits.detach().mean()
+            logs["gan_fake_logit"] = fake.detach().mean()
+        return loss, logs
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: ClipBatch, batch_idx: int) -> None:
+        c, acc = self.cfg, self.accumulate
+        it, micro = self.global_step, self._micro
+        last = micro == acc - 1
+        self._micro = 0 if last else micro + 1
+        step = it * acc + micro  # global micro-step: seeds every random draw of this micro-batch
+        opt_s, opt_c = self.optimizers()
+        sched_s, sched_c = self.lr_schedulers()
+        noise_gen = self._generator(step, "train")
+        cond, uncond = self.conditioning(batch, self._generator(step, "modes", "cpu"))
+        real = [[v.float() for v in batch.video], [a.float() for a in batch.audio]]
+
+        # backward simulation: k is the same on every rank (FSDP ranks must run the same number of forwards)
+        k = dmd.sample_step_index(c.num_student_steps, dmd.shared_generator(self.seed, step))
+        x_k = dmd.simulate_to_step(
+            self.student_score, dmd.randn_like_batch(real, noise_gen), k, self.student_sigmas, cond, noise_gen
+        )
+        if micro == 0:
+            opt_s.zero_grad(set_to_none=True)
+            opt_c.zero_grad(set_to_none=True)
+
+        if it % c.generator_every == 0:
+            self.toggle_optimizer(opt_s)  # only student parameters take gradients in this phase
+            loss, x_g, logs = self.generator_objective(x_k, k, cond, uncond, noise_gen)
+            self.manual_backward(loss / acc)
+            self.untoggle_optimizer(opt_s)
+            self._gen_logs = logs
+            if last:
+                self._gen_logs["grad_norm_student"] = self._step(opt_s, sched_s, c.student.grad_clip, counted=False)
+                self.generator_stepped = True
+        else:
+            with torch.no_grad():
+                x_g = dmd.student_x0(self.student_score, x_k, self.student_sigmas[k], cond)
+
+        loss_c, logs_c = self.critic_objective(x_g, real, cond, noise_gen)
+        self.manual_backward(loss_c / acc)
+        if last:
+            logs_c["grad_norm_critic"] = self._step(opt_c, sched_c, c.critic.grad_clip, counted=True)
+
+        n = len(batch)
+        # generator values are re-logged until the next generator update, so that every logged row has them
+        for name, value in {**self._gen_logs, **logs_c}.items():
+            self.log(f"train/{name}", value, batch_size=n, prog_bar=name in ("dmd_loss", "critic_loss"))
+        self.log("train/lr_student", opt_s.param_groups[0]["lr"], batch_size=n)
+        self.log("train/lr_critic", opt_c.param_groups[0]["lr"], batch_size=n)
+        self.log("train/clips", float(n), batch_size=n)
+
+    def _step(self, opt, sched, clip: float, counted: bool) -> Tensor:
+        """Clip, step, zero and schedule one role; returns the pre-clip grad norm (local to the rank if sharded)."""
+        grads = [p.grad.detach().float().norm() for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.stack(grads).norm() if grads else torch.zeros(())
+        if clip > 0:
+            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        if counted:
+            opt.step()  # counted by Lightning: global_step = critic updates = iterations
+        else:
+            # same strategy/precision path as LightningOptimizer.step, without counting a second global step
+            self.trainer.strategy.optimizer_step(opt.optimizer, closure=_noop)
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        return norm
+
+    def configure_optimizers(self):
+        max_steps = self.trainer.max_steps if self._trainer is not None else 0
+        opt_s, sched_s = build_optimizer(self.student, role_optim(self.cfg.student), max_steps)
+        critic = nn.ModuleDict({"critic": self.critic, **({"disc": self.disc} if self.disc is not None else {})})
+        opt_c, sched_c = build_optimizer(critic, role_optim(self.cfg.critic), max_steps)
+        return [
+            {"optimizer": opt_s, "lr_scheduler": {"scheduler": sched_s, "interval": "step"}},
+            {"optimizer": opt_c, "lr_scheduler": {"scheduler": sched_c, "interval": "step"}},
+        ]
+
+    # -- validation: the student's own 8-step sampler, with teacher and critic x0 side by side ---------------
+
+    def validation_step(self, batch: ClipBatch, batch_idx: int) -> None:
+        c, n = self.cfg, len(batch)
+        gen = self._generator(batch_idx, "val")  # fixed per batch: comparable across checkpoints
+        cond, uncond = self.conditioning(batch, self._generator(batch_idx, "val_modes", "cpu"))
+        real = [[v.float() for v in batch.video], [a.float() for a in batch.audio]]
+        noise = dmd.randn_like_batch(real, gen)
+        video, audio = sample_distilled(
+            self.student, noise[0], noise[1], cond.text, c.num_student_steps, c.shift, generator=gen,
+            first_frames=cond.first_frames, clean_audio=cond.clean_audio,
+        )
+        x_g = [video, audio]
+        sigma = torch.full((n,), c.sample_sigma, device=self.device)
+        x_t = dmd.noise_batch(x_g, dmd.randn_like_batch(x_g, gen), sigma)
+        x0_real = dmd.teacher_x0(self.teacher_score, x_t, sigma, cond, uncond, c.guidance)
+        x0_fake = dmd.predict_x0(self.critic_score, x_t, sigma, cond)
+        g = dmd.dmd_gradient(x_g, x0_real, x0_fake, c.normalizer)
+        for m, name in enumerate(("video", "audio")):
+            stats = {
+                f"g_abs_{name}": dmd.modality_mean([xi.abs() for xi in g[m]]),
+                f"teacher_gap_{name}": _mean_abs_diff(x0_real[m], x_g[m]),
+                f"critic_gap_{name}": _mean_abs_diff(x0_fake[m], x_g[m]),
+                f"sample_{name}_std": _modality_std(x_g[m]),
+            }
+            for key, value in stats.items():
+                self.log(f"val/{key}", value, batch_size=n, sync_dist=True)
+        if batch_idx == 0 and self.sample_dir is not None and self.trainer.is_global_zero:
+            self.save_samples(batch, x_g, x0_real, x0_fake)
+
+    def save_samples(self, batch: ClipBatch, x_g: dmd.Batch, x0_real: dmd.Batch, x0_fake: dmd.Batch) -> None:
+        """Latents (safetensors) and a panel image [student sample | teacher x0 | critic x0] of a few clips."""
+        from PIL import Image
+
+        out = self.sample_dir / f"step{self.global_step:08d}"
+        out.mkdir(parents=True, exist_ok=True)
+        for i in range(min(self.cfg.sample_clips, len(batch))):
+            sources = {"student": x_g, "teacher_x0": x0_real, "critic_x0": x0_fake}
+            tensors = {f"{src}_{mod}": x[m][i].detach().float().cpu().contiguous()
+                       for src, x in sources.items() for m, mod in enumerate(("video", "audio"))}
+            _atomic(out / f"clip{i}.safetensors", lambda p, t=tensors: safetensors.torch.save_file(t, p))
+            panel = latent_panel([x[0][i] for x in sources.values()], [x[1][i] for x in sources.values()])
+            _atomic(out / f"clip{i}.png", lambda p, a=panel: Image.fromarray(a).save(p, format="PNG"))
+            for logger in self.loggers:
+                if isinstance(logger, WandbLogger):
+                    caption = "student sample | teacher x0 | critic x0 (video mid frame ch 0-2; audio)"
+                    logger.log_image(f"samples/clip{i}", [panel], step=self.global_step, caption=[caption])
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.cfg.save_teacher:  # re-loaded from distill.teacher.checkpoint on resume
+            for key in ("state_dict", "current_model_state"):
+                if key in checkpoint:
+                    checkpoint[key] = {k: v for k, v in checkpoint[key].items() if not k.startswith("teacher.")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "current_model_state" in checkpoint:  # StudentEMA layout: state_dict holds the EMA student
+            ema = checkpoint["state_dict"]
+            checkpoint[EMA_KEY] = {k.removeprefix("student."): v for k, v in ema.items() if k.startswith("student.")}
+            checkpoint["state_dict"] = checkpoint.pop("current_model_state")
+        saved, own = set(checkpoint["state_dict"]), set(self.state_dict())
+        missing, unexpected = sorted(own - saved), sorted(saved - own)
+        if not any(k.startswith("teacher.") for k in saved):
+            missing = [k for k in missing if not k.startswith("teacher.")]  # teacher loaded from its path
+            self.strict_loading = False
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not match this distillation setup (model config, distill.gan?): missing "
+                f"{missing[:6]} ({len(missing)}), unexpected {unexpected[:6]} ({len(unexpected)})"
+            )
+        self._micro = 0  # checkpoints are written at iteration boundaries
+
+
+def validate_distill(cfg: DistillConfig) -> None:
+    """Clear errors for settings DMD-2 cannot run with."""
+    if cfg.teacher.trainable:
+        raise ValueError("distill.teacher.trainable=true: the teacher is the frozen real score; train the critic")
+    for name in ("critic", "student"):
+        role: RoleConfig = getattr(cfg, name)
+        if not role.trainable:
+            raise ValueError(f"distill.{name}.trainable=false: DMD-2 trains the {name}; set distill.{name}.lr=0 "
+                             "to keep its weights fixed (e.g. the frozen-critic control)")
+        if role.dtype != "fp32":
+            raise ValueError(f"distill.{name}.dtype={role.dtype!r}: trainable roles keep fp32 master weights; "
+                             "use trainer.precision=bf16-mixed for bf16 compute")
+        if len(role.betas) != 2:
+            raise ValueError(f"distill.{name}.betas={list(role.betas)}: give two AdamW betas")
+    if cfg.teacher.dtype not in ("fp32", "bf16"):
+        raise ValueError(f"distill.teacher.dtype={cfg.teacher.dtype!r}: use fp32 or bf16")
+    if cfg.generator_every < 1 or cfg.num_student_steps < 1:
+        raise ValueError(f"distill.generator_every={cfg.generator_every} and distill.num_student_steps="
+                         f"{cfg.num_student_steps} must be >= 1")
+    if not 0 < cfg.sample_sigma <= 1:
+        raise ValueError(f"distill.sample_sigma={cfg.sample_sigma}: a noise level in (0, 1]")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"distill.ema_decay={cfg.ema_decay}: use 0 (off) or a decay in (0, 1)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# EMA of the student only
+# ---------------------------------------------------------------------------------------------------------
+
+
+class StudentEMA(Callback):
+    """Exponential moving average of the student's weights (not teacher or critic), after each generator step.
+
+    Until `start_step` iterations the average is a copy (Self-Forcing starts its EMA late, FastVideo builds it
+    from trained weights). Validation runs with the EMA student. Checkpoints use Lightning's EMA layout:
+    `state_dict` holds the EMA student and `current_model_state` the raw weights, so the `generate` loader
+    picks the EMA student by default. Under sharded strategies the shadow is the rank's local shard.
+    """
+
+    def __init__(self, decay: float, start_step: int = 0, on_cpu: bool = False):
+        self.decay, self.start_step, self.on_cpu = decay, start_step, on_cpu
+        self.shadow: dict[str, Tensor] | None = None
+        self._backup: dict[str, Tensor] | None = None
+
+    def _device(self, pl_module: L.LightningModule) -> torch.device:
+        return torch.device("cpu") if self.on_cpu else pl_module.device
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dev = self._device(pl_module)
+        if self.shadow is None:
+            self.shadow = {k: v.detach().to(dev, torch.float32, copy=True)
+                           for k, v in pl_module.student.state_dict().items()}
+        else:  # restored from a checkpoint
+            self.shadow = {k: v.to(dev, torch.float32) for k, v in self.shadow.items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if not pl_module.generator_stepped:
+            return
+        pl_module.generator_stepped = False
+        for key, value in pl_module.student.state_dict().items():
+            target = self.shadow[key]
+            if trainer.global_step <= self.start_step:
+                target.copy_(value)
+            else:
+                target.lerp_(value.to(target.device, torch.float32), 1 - self.decay)
+
+    @torch.no_grad()
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.shadow is None or trainer.sanity_checking:
+            return
+        state = pl_module.student.state_dict()
+        self._backup = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        for key, value in state.items():
+            value.copy_(self.shadow[key])
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._backup is None:
+            return
+        for key, value in pl_module.student.state_dict().items():
+            value.copy_(self._backup[key])
+        self._backup = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self.shadow is None:
+            return
+        raw = checkpoint["state_dict"]
+        checkpoint["current_model_state"] = raw
+        checkpoint["state_dict"] = {**raw, **{f"student.{k}": v for k, v in self.shadow.items()}}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        ema = checkpoint.get(EMA_KEY)  # put there by DMD2Task.on_load_checkpoint
+        if ema is not None:
+            self.shadow = {k: v.detach().clone().float() for k, v in ema.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# small utilities
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _modality_std(x: dmd.Modality) -> Tensor:
+    mean = dmd.modality_mean(x)
+    return (dmd.modality_mean([xi.float().pow(2) for xi in x]) - mean.pow(2)).clamp_min(0).sqrt().detach()
+
+
+@torch.no_grad()
+def _mean_abs_diff(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    return dmd.modality_mean([(x.float() - y.float()).abs() for x, y in zip(a, b, strict=True)]).detach()
+
+
+def _atomic(path: Path, write) -> None:
+    """write(tmp_path) then rename over `path`: readers never see a half-written file."""
+    tmp = str(path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _to_uint8(x: Tensor, scale: int) -> np.ndarray:
+    """Latents (about unit scale) mapped from [-3, 3] to 0..255 and enlarged by nearest-neighbour `scale`."""
+    img = ((x.detach().float().cpu().clamp(-3, 3) + 3) * (255 / 6)).round().to(torch.uint8)
+    return img.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy()
+
+
+def latent_panel(videos: list[Tensor], audios: list[Tensor], gap: int = 4) -> np.ndarray:
+    """One RGB image, one column per source: the middle latent frame of video channels 0-2 on top and the
+    audio latent [64, A] in grey below, all on the same fixed [-3, 3] scale so that columns compare."""
+    columns = []
+    for v, a in zip(videos, audios, strict=True):
+        frame = v[:3, v.shape[1] // 2]  # [3, H, W]
+        vs = max(1, math.ceil(96 / max(frame.shape[1:])))
+        top = _to_uint8(frame.permute(1, 2, 0), vs)  # H W 3
+        wave = _to_uint8(a.T, 2)  # [128, 2A] grey
+        bottom = np.repeat(wave[:, :, None], 3, axis=2)
+        width = max(top.shape[1], bottom.shape[1])
+        col = np.full((top.shape[0] + gap + bottom.shape[0], width, 3), 255, dtype=np.uint8)
+        col[: top.shape[0], : top.shape[1]] = top
+        col[top.shape[0] + gap :, : bottom.shape[1]] = bottom
+        columns.append(col)
+    height = max(c.shape[0] for c in columns)
+    padded = [np.pad(c, ((0, height - c.shape[0]), (0, gap), (0, 0)), constant_values=255) for c in columns]
+    return np.concatenate(padded, axis=1)[:, :-gap]
+
+
+__all__ = [
+    "DMD2Task",
+    "DiTCondition",
+    "DiTScore",
+    "DiscriminatorHead",
+    "FeatureTap",
+    "StudentEMA",
+    "latent_panel",
+    "role_optim",
+    "stream_seed",
+    "validate_distill",
+]

@@ -1,0 +1,264 @@
+"""Strategy configs build the intended Lightning strategies (FSDP, ZeRO-2/3, offload, mixed precision);
+resume picks the newest checkpoint; evaluation passes are even across ranks; consolidation of every format."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+from omegaconf import OmegaConf
+
+import magi_train.data.distributed as even
+from magi_train.config import StrategyConfig
+from magi_train.consolidate import checkpoint_kind, consolidate, load_checkpoint_weights
+from magi_train.data.distributed import EvenAcrossRanks
+from magi_train.models.checkpoint import load_released
+from magi_train.models.dit import MODEL_CONFIGS, DiT, TransformerLayer
+from magi_train.strategies import build_strategy, deepspeed_autocast_config
+from magi_train.train import check_ema_strategy, find_resume_checkpoint, newest_checkpoint, to_dataclass
+
+STRATEGY_DIR = Path(__file__).resolve().parents[2] / "configs" / "strategy"
+
+
+def strategy_cfg(compose, name: str, *extra: str) -> StrategyConfig:
+    cfg = compose(["recipe=pretrain_base", "experiment=smoke", f"strategy={name}", "run_dir=/tmp/x", *extra])
+    return to_dataclass(cfg.strategy, StrategyConfig)
+
+
+def test_every_strategy_config_composes_and_builds(compose):
+    names = sorted(p.stem for p in STRATEGY_DIR.glob("*.yaml"))
+    assert {
+        "ddp",
+        "fsdp",
+        "fsdp_offload",
+        "deepspeed_stage_2",
+        "deepspeed_stage_2_offload",
+        "deepspeed_stage_3",
+        "deepspeed_stage_3_offload",
+    } <= set(names)
+    for name in names:
+        if name.startswith("deepspeed") and not _has_deepspeed():
+            continue
+        built = build_strategy(strategy_cfg(compose, name), "bf16-mixed", activation_checkpointing=True)
+        assert built is not None, name
+
+
+def _has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def test_ddp_config(compose):
+    s = build_strategy(strategy_cfg(compose, "ddp", "strategy.find_unused_parameters=true"))
+    assert isinstance(s, DDPStrategy) and s._ddp_kwargs["find_unused_parameters"] is True
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_fsdp_wraps_each_transformer_layer_with_fp32_params_and_checkpointing(compose, offload):
+    from torch.distributed.fsdp import ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    s = build_strategy(strategy_cfg(compose, "fsdp_offload" if offload else "fsdp"), "bf16-mixed", True)
+    assert isinstance(s, FSDPStrategy)
+    policy = s.kwargs["auto_wrap_policy"]
+    assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {TransformerLayer}
+    assert s.kwargs["use_orig_params"] and s.sharding_strategy == ShardingStrategy.FULL_SHARD
+    assert s._state_dict_type == "sharded"
+    assert s.cpu_offload.offload_params is offload
+    # bf16 compute by autocast; parameters, gradient reduction and buffers (RoPE bands) stay fp32
+    mp = s.mixed_precision_config
+    assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.float32,) * 3
+    assert s.precision_plugin.precision == "bf16-mixed"
+    ac = s._activation_checkpointing_kwargs["auto_wrap_policy"]
+    assert isinstance(ac, ModuleWrapPolicy) and ac._module_classes == {TransformerLayer}
+    no_ac = build_strategy(strategy_cfg(compose, "fsdp"), "32-true", activation_checkpointing=False)
+    assert not no_ac._activation_checkpointing_kwargs and no_ac.mixed_precision is None
+
+
+def test_fsdp_clips_gradients_through_the_root_module(compose):
+    s = build_strategy(strategy_cfg(compose, "fsdp"), "bf16-mixed")
+    calls = []
+
+    class Root(torch.nn.Module):
+        def clip_grad_norm_(self, max_norm):
+            calls.append(max_norm)
+
+    with pytest.raises(RuntimeError, match="before the model was wrapped"):
+        s.precision_plugin.clip_grad_by_norm(None, 1.0)
+    s.precision_plugin.root = Root()  # set by MagiFSDPStrategy._setup_model after wrapping
+    s.precision_plugin.clip_gradients(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))]), 0.5, "norm")
+    assert calls == [0.5]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload"],
+)
+def test_deepspeed_configs(compose, name):
+    pytest.importorskip("deepspeed")
+    stage, offload = int(name[len("deepspeed_stage_")]), name.endswith("offload")
+    s = build_strategy(strategy_cfg(compose, name), "bf16-mixed")
+    assert isinstance(s, DeepSpeedStrategy)
+    zero = s.config["zero_optimization"]
+    assert zero["stage"] == stage
+    assert ("offload_optimizer" in zero) is offload
+    assert ("offload_param" in zero) is (offload and stage == 3)
+    assert s.config.get("zero_force_ds_cpu_optimizer", True) is not offload
+    # bf16 = DeepSpeed's torch autocast over fp32 parameters; Lightning must not cast module or inputs
+    assert s.config["torch_autocast"] == deepspeed_autocast_config("bf16-mixed")
+    assert s.config["torch_autocast"]["lower_precision_safe_modules"] == [
+        "magi_train.models.dit.ModalityLinear"
+    ]
+    assert s.precision_plugin.precision == "32-true" and "bf16" not in s.config
+    fp32 = build_strategy(strategy_cfg(compose, name), "32-true")
+    assert "torch_autocast" not in fp32.config
+
+
+def test_bad_strategy_settings_are_clear_errors(compose):
+    with pytest.raises(ValueError, match="needs a sharded strategy"):
+        build_strategy(strategy_cfg(compose, "ddp", "strategy.offload=true"))
+    with pytest.raises(ValueError, match="use one of"):
+        build_strategy(strategy_cfg(compose, "ddp", "strategy.name=zero9"))
+    with pytest.raises(ValueError, match="sharding_strategy"):
+        build_strategy(strategy_cfg(compose, "fsdp", "strategy.sharding_strategy=HALF"))
+    if _has_deepspeed():
+        with pytest.raises(ValueError, match="bf16-mixed"):
+            build_strategy(strategy_cfg(compose, "deepspeed_stage_3"), "bf16-true")
+    cfg = compose(
+        ["recipe=pretrain_base", "experiment=smoke", "strategy=deepspeed_stage_3", "run_dir=/tmp/x"]
+    )
+    with pytest.raises(ValueError, match="optim.ema_decay=0"):  # smoke keeps an EMA
+        check_ema_strategy(cfg)
+    check_ema_strategy(
+        compose(["recipe=pretrain_base", "experiment=smoke", "strategy=ddp", "run_dir=/tmp/x"])
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resume: the newest checkpoint, files or sharded directories
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _touch(path: Path, at: float, directory: bool = False) -> None:
+    if directory:
+        (path / "checkpoint").mkdir(parents=True)
+        path = path / "checkpoint" / "mp_rank_00_model_states.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    os.utime(path, (at, at))
+
+
+def test_resume_picks_the_newest_checkpoint(compose, tmp_path, monkeypatch):
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    now = time.time()
+    cfg = compose(["recipe=pretrain_base", "experiment=smoke", f"run_dir={tmp_path}", "resume=true"])
+    with pytest.raises(ValueError, match="hydra.run.dir"):
+        find_resume_checkpoint(cfg, tmp_path)
+    _touch(tmp_path / "checkpoints" / "last.ckpt", now - 30, directory=True)  # a DeepSpeed checkpoint
+    _touch(tmp_path / "hpc_ckpt_1.ckpt", now - 20)
+    assert find_resume_checkpoint(cfg, tmp_path) == str(tmp_path / "hpc_ckpt_1.ckpt")
+    _touch(tmp_path / "checkpoints" / "last-v1.ckpt", now - 10)  # Lightning's name after changed settings
+    assert newest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "last-v1.ckpt"
+
+    fresh = compose(["recipe=pretrain_base", "experiment=smoke", f"run_dir={tmp_path}"])
+    assert find_resume_checkpoint(fresh, tmp_path) is None  # not a Slurm job: resume only when asked
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "magi", "SLURM_JOB_ID": "7"}.items():
+        monkeypatch.setenv(key, value)
+    assert find_resume_checkpoint(fresh, tmp_path) == str(tmp_path / "checkpoints" / "last-v1.ckpt")
+    no_requeue = compose(
+        ["recipe=pretrain_base", "experiment=smoke", f"run_dir={tmp_path}", "trainer.slurm_requeue=false"]
+    )
+    assert find_resume_checkpoint(no_requeue, tmp_path) is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation passes of equal length on every rank
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_even_across_ranks_truncates_to_the_shortest_rank(monkeypatch):
+    assert list(EvenAcrossRanks(range(5), limit=3)) == [0, 1, 2]  # one process: just the limit
+    assert list(EvenAcrossRanks(range(5))) == [0, 1, 2, 3, 4]
+    monkeypatch.setattr(even, "_world", lambda: 2)
+    counts = []
+
+    def other_rank_has(n_other: int):
+        def min_over_ranks(n: int) -> int:
+            counts.append(n)
+            return min(n, n_other)
+
+        return min_over_ranks
+
+    monkeypatch.setattr(even, "_min_over_ranks", other_rank_has(2))
+    assert list(EvenAcrossRanks(range(5), limit=4)) == [0, 1]
+    assert counts == [4]  # this rank held (and reported) its first `limit` batches
+    monkeypatch.setattr(even, "_min_over_ranks", other_rank_has(9))
+    assert list(EvenAcrossRanks(range(3))) == [0, 1, 2]  # no limit: counted, then read again
+
+
+# ---------------------------------------------------------------------------------------------------------
+# consolidation of single-file and FSDP (distributed-checkpoint) formats; DeepSpeed in test_distributed.py
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _lightning_state(model: DiT, wrapper: str = "") -> dict[str, torch.Tensor]:
+    return {f"model.{wrapper}{k}": v for k, v in model.state_dict().items()}
+
+
+def test_consolidate_lightning_checkpoint_with_ema(tmp_path):
+    torch.manual_seed(0)
+    raw, ema = DiT(MODEL_CONFIGS["tiny"]), DiT(MODEL_CONFIGS["tiny"])
+    magi_config = {"model": OmegaConf.to_container(OmegaConf.structured(MODEL_CONFIGS["tiny"]))}
+    ckpt = tmp_path / "last.ckpt"
+    torch.save(
+        {
+            "state_dict": _lightning_state(ema),
+            "current_model_state": _lightning_state(raw),
+            "magi_config": magi_config,
+        },
+        ckpt,
+    )
+    assert checkpoint_kind(ckpt) == "lightning"
+    for weights, source in (("auto", ema), ("ema", ema), ("current", raw)):
+        out = consolidate(ckpt, tmp_path / f"out-{weights}", weights=weights)
+        loaded = DiT(MODEL_CONFIGS["tiny"])
+        load_released(loaded, out)
+        for k, v in source.state_dict().items():
+            torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    torch.save({"state_dict": _lightning_state(raw)}, tmp_path / "no-ema.ckpt")
+    with pytest.raises(ValueError, match="no EMA"):
+        load_checkpoint_weights(tmp_path / "no-ema.ckpt", "ema")
+    with pytest.raises(ValueError, match="--model"):  # no stored config
+        consolidate(tmp_path / "no-ema.ckpt", tmp_path / "x")
+    small = consolidate(tmp_path / "no-ema.ckpt", tmp_path / "y", model="tiny", dtype_policy="base")
+    assert (small / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="does not match the model config"):
+        consolidate(tmp_path / "no-ema.ckpt", tmp_path / "z", model="small")
+
+
+def test_consolidate_fsdp_sharded_checkpoint(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(1)
+    model = DiT(MODEL_CONFIGS["tiny"])
+    # Lightning's FSDP sharded layout: DCP entries "model" (+ optimizer states) and meta.pt for the rest;
+    # FSDP wrapper names in the keys as a sharded state dict may carry them
+    path = tmp_path / "last.ckpt"
+    state = {"model": _lightning_state(model, "_fsdp_wrapped_module."), "optimizer_0": {"x": torch.ones(3)}}
+    dcp.save(state, checkpoint_id=path)
+    magi_config = {"model": OmegaConf.to_container(OmegaConf.structured(MODEL_CONFIGS["tiny"]))}
+    torch.save({"global_step": 5, "magi_config": magi_config}, path / "meta.pt")
+    assert checkpoint_kind(path) == "fsdp"
+    loaded = DiT(MODEL_CONFIGS["tiny"])
+    load_released(loaded, consolidate(path, tmp_path / "released"))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    with pytest.raises(ValueError, match="sharded fsdp checkpoint"):
+        load_checkpoint_weights(path, "ema")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a DeepSpeed checkpoint"):
+        checkpoint_kind(tmp_path / "empty")
