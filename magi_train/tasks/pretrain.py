@@ -42,11 +42,14 @@ def load_null_text(spec: str, text_dim: int) -> Tensor:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, max_steps: int):
-    """AdamW without weight decay on norms, biases and 1-D buffers; linear warm-up, then constant/cosine."""
+    """AdamW without weight decay on norm weights and biases; linear warm-up, then constant/cosine.
+
+    Chosen by name, not by `ndim`: FSDP (use_orig_params) hands the optimizer flat 1-D shards of every matrix.
+    """
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (no_decay if "norm" in name or name.endswith("bias") else decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
