@@ -52,7 +52,8 @@ from magi_train.codecs.video_vae import (
     pixel_frames,
 )
 from magi_train.data.schema import Clip, count_tokens
-from magi_train.data.writer import fsync_dir, write_shards
+from magi_train.data.writer import write_shards
+from magi_train.fileio import atomic_write, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -546,15 +547,6 @@ def _marker_path(out: Path, prefix: str, unit: int) -> Path:
     return out / f"{prefix}-{unit:06d}.done.json"
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def process_unit(
     unit: int,
     items: list[tuple[int, Source]],
@@ -595,7 +587,7 @@ def process_unit(
         os.replace(written[0], final)
     else:  # no clip: no shard (and none left over from an earlier run with other inputs)
         final.unlink(missing_ok=True)
-    fsync_dir(out)
+    fsync_path(out)
     marker = {
         "unit": unit,
         "shard": final.name if written else None,
@@ -608,7 +600,7 @@ def process_unit(
         "tokens": {"min": min(tokens), "max": max(tokens), "sum": sum(tokens)} if tokens else None,
         "elapsed_s": round(time.monotonic() - start, 3),
     }
-    _write_json_atomic(_marker_path(out, s.prefix, unit), marker)
+    atomic_write(_marker_path(out, s.prefix, unit), json.dumps(marker, indent=1, sort_keys=True))
     shutil.rmtree(staging, ignore_errors=True)
     return marker
 
@@ -655,7 +647,7 @@ def _check_run_config(out: Path, s: Settings, sources: list[Source]) -> None:
                 "match. Use another --out or --prefix, or restore the settings"
             )
     else:
-        _write_json_atomic(path, pinned)
+        atomic_write(path, json.dumps(pinned, indent=1, sort_keys=True))
 
 
 def _summarise(
@@ -770,7 +762,10 @@ def run_prepare(s: Settings, progress: bool = True) -> dict[str, Any]:
 
     report = _summarise([markers[u] for u in mine], s, len(todo), time.monotonic() - start, out)
     report["settings"] = {k: v for k, v in asdict(s).items() if k != "extensions"}
-    _write_json_atomic(out / f"{s.prefix}.report-task{s.task_index:04d}-of-{s.num_tasks:04d}.json", report)
+    atomic_write(
+        out / f"{s.prefix}.report-task{s.task_index:04d}-of-{s.num_tasks:04d}.json",
+        json.dumps(report, indent=1, sort_keys=True),
+    )
     return report
 
 

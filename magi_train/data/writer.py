@@ -14,6 +14,7 @@ import numpy as np
 import webdataset as wds
 
 from magi_train.data.schema import check_clip_arrays, encode_npy
+from magi_train.fileio import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +63,6 @@ def clip_to_sample(clip: Any, video_dtype: Any = np.float16, text_dim: int | Non
     if lowres is not None:
         sample["lowres.npy"] = _cast(key, "lowres.npy", lowres, vdt)
     return sample
-
-
-def fsync_dir(path: Path) -> None:
-    try:  # make the renames durable; not every filesystem allows opening a directory
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_shards(
@@ -146,7 +134,7 @@ def write_shards(
             finally:
                 stream.close()
                 tmp.unlink(missing_ok=True)
-    fsync_dir(out)
+    fsync_path(out)
     if overwrite:
         for stale in existing:
             if str(stale) not in paths:

@@ -15,7 +15,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from magi_train.eval.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, Estimate, bootstrap
+from magi_train.fileio import atomic_write
 
 TIE = "tie"
 
@@ -32,19 +32,6 @@ class Judgement:
     system_a: str
     system_b: str
     winner: str  # system_a, system_b or "tie"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read_judgements(path: str | Path) -> list[Judgement]:
@@ -306,14 +293,14 @@ def write_pair_sheet(
         "var a=document.createElement('a');a.href=URL.createObjectURL(new Blob([rows.join('\\n')+'\\n'],"
         "{type:'text/csv'}));a.download='answers.csv';a.click();};</script></body></html>"
     )
-    _atomic_write_text(out_dir / "index.html", page)
+    atomic_write(out_dir / "index.html", page)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write_text(out_dir / "pairs.csv", table.getvalue())
-    _atomic_write_text(out_dir / "answers.csv", "item,choice\n" + "".join(f"{r['item']},\n" for r in rows))
-    _atomic_write_text(out_dir / "sheet.json", json.dumps({"seed": seed, "items": len(rows)}, indent=2))
+    atomic_write(out_dir / "pairs.csv", table.getvalue())
+    atomic_write(out_dir / "answers.csv", "item,choice\n" + "".join(f"{r['item']},\n" for r in rows))
+    atomic_write(out_dir / "sheet.json", json.dumps({"seed": seed, "items": len(rows)}, indent=2))
     return out_dir / "index.html"
 
 

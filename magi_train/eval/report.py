@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from magi_train.eval.speech import SpeechScore, aggregate
 from magi_train.eval.stats import Estimate, mean_ci
 from magi_train.eval.videoscore import DIMENSIONS, PAPER_COLUMNS
+from magi_train.fileio import atomic_write
 
 COLUMNS = {**PAPER_COLUMNS, "wer": "WER"}
 SYNC_COLUMNS = {"lse_d": "LSE-D", "lse_c": "LSE-C"}  # only when eval.sync_weights is set
@@ -20,22 +20,6 @@ SYNC_COLUMNS = {"lse_d": "LSE-D", "lse_c": "LSE-C"}  # only when eval.sync_weigh
 def _columns(models: list[dict[str, Any]]) -> dict[str, str]:
     extra = {k: v for k, v in SYNC_COLUMNS.items() if any(k in m["columns"] for m in models)}
     return {**COLUMNS, **extra}
-
-
-def atomic_write(path: str | Path, data: str | bytes) -> Path:
-    """Write to a temporary file in the same folder, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def summarize_model(

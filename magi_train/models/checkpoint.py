@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from magi_train.fileio import fsync_path
 from magi_train.models.dit import MODEL_CONFIGS, DiT, DiTConfig
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -466,21 +467,21 @@ def export_released(
             tensors = {k: state[k].detach().to(device="cpu", dtype=dtypes[k]).contiguous() for k in keys}
             safetensors.torch.save_file(tensors, str(tmp / name), metadata={"format": "pt"})
             del tensors
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
         if n > 1:
             index = {
                 "metadata": {"total_size": sum(nbytes.values())},
                 "weight_map": {k: name for name, keys in zip(names, shards, strict=True) for k in keys},
             }
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-            _fsync(tmp / INDEX_NAME)
-        _fsync(tmp)
+            fsync_path(tmp / INDEX_NAME)
+        fsync_path(tmp)
         _check_out_dir(out_dir, overwrite)  # again: something may have appeared while we were writing
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(out_dir.parent)
+    fsync_path(out_dir.parent)
     return out_dir
 
 
@@ -508,15 +509,3 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file or directory to disk so that the final rename never exposes unwritten data."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # e.g. directories cannot be opened on some platforms
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

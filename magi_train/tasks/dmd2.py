@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from torch import Tensor, nn
 
 from magi_train.config import DistillConfig, OptimConfig, RoleConfig
 from magi_train.data.reader import ClipBatch
+from magi_train.fileio import atomic_file
 from magi_train.flow import dmd
 from magi_train.flow.matching import Mode, drop_text, sample_modes
 from magi_train.flow.sampling import sample_distilled
@@ -401,9 +400,9 @@ class DMD2Task(L.LightningModule):
             sources = {"student": x_g, "teacher_x0": x0_real, "critic_x0": x0_fake}
             tensors = {f"{src}_{mod}": x[m][i].detach().float().cpu().contiguous()
                        for src, x in sources.items() for m, mod in enumerate(("video", "audio"))}
-            _atomic(out / f"clip{i}.safetensors", lambda p, t=tensors: safetensors.torch.save_file(t, p))
+            atomic_file(out / f"clip{i}.safetensors", lambda p, t=tensors: safetensors.torch.save_file(t, p))
             panel = latent_panel([x[0][i] for x in sources.values()], [x[1][i] for x in sources.values()])
-            _atomic(out / f"clip{i}.png", lambda p, a=panel: Image.fromarray(a).save(p, format="PNG"))
+            atomic_file(out / f"clip{i}.png", lambda p, a=panel: Image.fromarray(a).save(p, format="PNG"))
             for logger in self.loggers:
                 if isinstance(logger, WandbLogger):
                     caption = "student sample | teacher x0 | critic x0 (video mid frame ch 0-2; audio)"
@@ -546,17 +545,6 @@ def _modality_std(x: dmd.Modality) -> Tensor:
 @torch.no_grad()
 def _mean_abs_diff(a: list[Tensor], b: list[Tensor]) -> Tensor:
     return dmd.modality_mean([(x.float() - y.float()).abs() for x, y in zip(a, b, strict=True)]).detach()
-
-
-def _atomic(path: Path, write) -> None:
-    """write(tmp_path) then rename over `path`: readers never see a half-written file."""
-    tmp = str(path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _to_uint8(x: Tensor, scale: int) -> np.ndarray:
