@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,9 @@ from torch import Tensor
 
 from magi_train.models.checkpoint import DTYPE_POLICIES, export_released
 from magi_train.models.dit import DiT, DiTConfig
+from magi_train.weights import read_dit_state, strip_task_prefix
 
 WEIGHTS = ("auto", "ema", "current")
-# Module names that wrappers insert into parameter names (activation checkpointing, FSDP, torch.compile,
-# Lightning's DeepSpeed wrapper); the released keys have none of them.
-_WRAPPER_PARTS = re.compile(
-    r"(^|\.)(_checkpoint_wrapped_module|_fsdp_wrapped_module|_orig_mod|_forward_module)\."
-)
 # Globals DeepSpeed 0.19 pickles into ZeRO optimizer shards: plain state holders, no behaviour on load.
 _DEEPSPEED_GLOBALS = {
     "deepspeed.utils.tensor_fragment.fragment_address",
@@ -60,20 +55,6 @@ def checkpoint_kind(path: Path) -> str:
         "*_model_states.pt) nor an FSDP sharded one (a `.metadata` file): pass a checkpoint, e.g. "
         "<run_dir>/checkpoints/last.ckpt"
     )
-
-
-def _strip(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """LightningModule keys ("model.<dit key>", maybe with wrapper parts) -> bare DiT keys."""
-    out = {}
-    for key, value in state.items():
-        key = _WRAPPER_PARTS.sub(r"\1", key)
-        if key.startswith("model."):
-            out[key.removeprefix("model.")] = value
-    if not out:
-        raise ValueError(
-            f"no DiT weights ('model.*' keys) in the checkpoint; keys look like {list(state)[:4]}"
-        )
-    return out
 
 
 def _check_pickle_globals(files: list[Path], allowed: set[str]) -> None:
@@ -110,15 +91,6 @@ class _MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _load_lightning(path: Path, weights: str) -> tuple[dict[str, Tensor], dict | None]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    has_ema = "current_model_state" in ckpt  # Lightning's EMA callback: state_dict = EMA, this = raw weights
-    if weights == "ema" and not has_ema:
-        raise ValueError(f"weights=ema but {path} holds no EMA weights (trained with optim.ema_decay=0?)")
-    state = ckpt["current_model_state"] if weights == "current" and has_ema else ckpt["state_dict"]
-    return _strip(state), ckpt.get("magi_config")
-
-
 def _deepspeed_tag_dir(path: Path) -> Path:
     latest = path / "latest"
     tag = latest.read_text().strip() if latest.is_file() else None
@@ -139,7 +111,7 @@ def _load_deepspeed(path: Path) -> tuple[dict[str, Tensor], dict | None]:
     model_states = sorted(tag_dir.glob("*model_states.pt"))
     client = torch.load(model_states[0], map_location="cpu", weights_only=True, mmap=True)
     state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag_dir.name)  # merges the ZeRO shards
-    return _strip(state), client.get("magi_config")
+    return strip_task_prefix(state, str(path)), client.get("magi_config")
 
 
 def _load_fsdp(path: Path) -> tuple[dict[str, Tensor], dict | None]:
@@ -163,7 +135,7 @@ def _load_fsdp(path: Path) -> tuple[dict[str, Tensor], dict | None]:
         )
     meta_file = path / _FSDP_META
     meta = torch.load(meta_file, map_location="cpu", weights_only=True) if meta_file.is_file() else {}
-    return _strip(loaded["model"]), meta.get("magi_config")
+    return strip_task_prefix(loaded["model"], str(path)), meta.get("magi_config")
 
 
 def load_checkpoint_weights(path: str | Path, weights: str = "auto") -> tuple[dict[str, Tensor], dict | None]:
@@ -177,7 +149,7 @@ def load_checkpoint_weights(path: str | Path, weights: str = "auto") -> tuple[di
     path = Path(path)
     kind = checkpoint_kind(path)
     if kind == "lightning":
-        state, config = _load_lightning(path, weights)
+        state, config, _ = read_dit_state(path, "raw" if weights == "current" else weights)
     else:
         if weights == "ema":
             raise ValueError(f"weights=ema but {path} is a sharded {kind} checkpoint, which holds no EMA")

@@ -21,6 +21,7 @@ from magi_train.models.parallelize import parallelize
 from magi_train.strategies import strategy_applies_activation_checkpointing
 from magi_train.tasks.dmd2 import DMD2Task, StudentEMA, validate_distill
 from magi_train.train import build_trainer, find_resume_checkpoint, to_dataclass
+from magi_train.weights import load_state_strict, read_dit_state
 
 log = logging.getLogger(__name__)
 
@@ -87,25 +88,10 @@ def load_role_weights(model: DiT, path: str | None, key: str) -> str:
         return "released"
     if not p.is_file():
         raise _missing(key, path)
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises several types for corrupt or foreign files
-        raise ValueError(f"{key}={path}: could not read it as a Lightning checkpoint ({err})") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{key}={path}: not a Lightning checkpoint (no state_dict)")
-    _check_architecture(ckpt.get("magi_config"), model.cfg, key, p)
-    state = ckpt["state_dict"]
-    for prefix in ("model.", "student."):
-        sub = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        if sub:
-            break
-    else:
-        raise ValueError(f"{key}={path}: holds no DiT weights under 'model.' (pretrain) or 'student.' (dmd2)")
-    try:
-        model.load_state_dict(sub, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{key}={path}: weights do not fit the model config: {err}") from err
-    return "ema" if "current_model_state" in ckpt else "raw"
+    state, saved, which = read_dit_state(p)
+    _check_architecture(saved, model.cfg, key, p)
+    load_state_strict(model, state, f"{key}={path}")
+    return which
 
 
 def _empty(cfg: DiTConfig) -> DiT:

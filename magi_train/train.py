@@ -24,12 +24,12 @@ from magi_train.config import (
 )
 from magi_train.csv_log import RunCSVLogger
 from magi_train.data.datamodule import ClipDataModule
-from magi_train.models.checkpoint import load_released
 from magi_train.models.dit import DiT, DiTConfig
 from magi_train.models.parallelize import parallelize
 from magi_train.strategies import strategy_applies_activation_checkpointing
 from magi_train.tasks.pretrain import PretrainTask
 from magi_train.tasks.super_resolution import SuperResolutionTask
+from magi_train.weights import load_dit_weights
 
 log = logging.getLogger(__name__)
 
@@ -146,22 +146,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[Callback], res
     )
 
 
-def load_initial_weights(model: DiT, path: str) -> None:
-    """Released-format directory (safetensors) or one of our Lightning checkpoints (weights only)."""
-    p = Path(path)
-    if p.is_dir() or p.suffix == ".safetensors":
-        load_released(model, p)
-        return
-    if not p.is_file():
-        raise ValueError(f"init_from={path}: no such released-format directory or checkpoint file")
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"init_from={path}: does not match the model config; missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}")
-
-
 def _written_at(path: Path) -> float:
     """Last write time of a checkpoint file, or of the newest file in a sharded checkpoint directory."""
     if path.is_dir():
@@ -225,7 +209,7 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = find_resume_checkpoint(cfg, run_dir)
     model = DiT(model_cfg)
     if cfg.init_from and ckpt_path is None:  # a resumed run takes its weights from the checkpoint
-        load_initial_weights(model, cfg.init_from)
+        load_dit_weights(model, cfg.init_from, "init_from")
     print(f"parameters: {model.num_parameters():,}")
     # FSDP applies activation checkpointing itself, after wrapping (magi_train/strategies.py)
     own_ac = not strategy_applies_activation_checkpointing(cfg.strategy.name)

@@ -21,13 +21,13 @@ import torch
 
 from magi_train.models.checkpoint import load_released, released_dtype
 from magi_train.models.dit import MODEL_CONFIGS, DiT, DiTConfig
+from magi_train.weights import load_state_strict, read_dit_state
 
 log = logging.getLogger(__name__)
 
 ROLES = ("base", "distilled", "sr")
 # Prefixes under which a Lightning module may hold the DiT: `model.` (pretrain, pretrain_sr), then the
 # student/generator role names of a distillation module.
-STATE_PREFIXES = ("model.", "generator.", "student.")
 _RUNTIME_FIELDS = {"activation_checkpointing": False, "compile": False}  # training-only switches
 _RELEASED_HINT = (
     "expected a released-format DiT directory (model.safetensors.index.json with its shards, or "
@@ -84,53 +84,21 @@ def _build_empty(cfg: DiTConfig, device: torch.device, bf16_linears: bool) -> Di
     return model.to_empty(device=device)
 
 
-def _select_state(ckpt: dict[str, Any], use_ema: bool, path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    if "state_dict" not in ckpt:
-        raise ValueError(f"{path} has no 'state_dict': not a Lightning checkpoint")
-    has_ema = "current_model_state" in ckpt  # written by EMAWeightAveraging.on_save_checkpoint
-    if has_ema and use_ema:
-        return ckpt["state_dict"], "ema"
-    if has_ema:
-        return ckpt["current_model_state"], "raw"
-    if use_ema:
-        log.warning("%s holds no EMA weights (trained with optim.ema_decay=0?): using the raw weights", path)
-    return ckpt["state_dict"], "raw"
-
-
-def _strip_prefix(state: dict[str, torch.Tensor], expected: set[str], path: Path) -> dict[str, torch.Tensor]:
-    for prefix in STATE_PREFIXES:
-        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if set(sub) == expected:
-            return sub
-    best = max(STATE_PREFIXES, key=lambda p: len({k[len(p) :] for k in state if k.startswith(p)} & expected))
-    sub = {k[len(best) :] for k in state if k.startswith(best)}
-    missing, unexpected = sorted(expected - sub), sorted(sub - expected)
-    raise ValueError(
-        f"{path}: the weights under {best!r} do not match the DiT rebuilt from its own config: "
-        f"missing {missing[:6]} ({len(missing)}), unexpected {unexpected[:6]} ({len(unexpected)}); "
-        f"looked for the DiT under the prefixes {list(STATE_PREFIXES)}"
-    )
-
-
 def load_lightning(
     path: Path, device: torch.device, use_ema: bool = True, bf16_linears: bool = False
 ) -> LoadedDiT:
     """Rebuild the DiT from `magi_config["model"]` of one of our checkpoints and load EMA or raw weights."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises several types for a corrupt or foreign file
-        raise ValueError(f"could not read {path} as a Lightning checkpoint: {err}") from err
-    if not isinstance(ckpt, dict) or "magi_config" not in ckpt:
+    state, config, weights = read_dit_state(path, "auto" if use_ema else "raw")
+    if config is None:
         raise ValueError(
             f"{path} has no 'magi_config': not written by magi_train (the resolved config is needed to "
             "rebuild the model); for released weights pass their directory instead"
         )
-    config = ckpt["magi_config"]
+    if use_ema and weights == "raw":
+        log.warning("%s holds no EMA weights (trained with optim.ema_decay=0?): using the raw weights", path)
     cfg = _model_config_from_dict(dict(config.get("model") or {}), str(path))
-    state, weights = _select_state(ckpt, use_ema, path)
     model = _build_empty(cfg, device, bf16_linears)
-    state = _strip_prefix(state, set(model.state_dict()), path)
-    model.load_state_dict(state, strict=True)
+    load_state_strict(model, state, str(path))
     return LoadedDiT(model.eval().requires_grad_(False), "lightning", weights, str(path), config.get("task"))
 
 
