@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from magi_train.config import DataConfig, DistillConfig
 from magi_train.data.datamodule import ClipDataModule
+from magi_train.eval.callback import eval_callbacks
 from magi_train.models.checkpoint import load_released, released_dtype
 from magi_train.models.dit import DiT, DiTConfig
 from magi_train.models.parallelize import parallelize
@@ -202,6 +203,7 @@ def run_distill(cfg: DictConfig) -> dict[str, Any]:
     task = DMD2Task(teacher, critic, student, dcfg, text_dim=cfg.data.text_dim, seed=cfg.seed,
                     accumulate=accumulate, sample_dir=str(run_dir / "samples"))
     callbacks = [StudentEMA(dcfg.ema_decay, dcfg.ema_start_step, dcfg.ema_on_cpu)] if dcfg.ema_decay > 0 else []
+    callbacks += eval_callbacks(cfg)  # eval.every_n_steps > 0: sample the student (8 steps, no CFG) and score it
     log.info("dmd2: optim.* is unused (each role has its own optimiser under distill.<role>); "
              "trainer.max_steps counts iterations = critic updates")
     # expected here: the frozen teacher is in eval mode; checkpoints hold the post-update state of an iteration

@@ -226,6 +226,9 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
         task = PretrainTask(model, **common)
     from magi_train.eval.callback import eval_callbacks  # sample + score a suite every eval.every_n_steps
 
+    if cfg.task == "pretrain_sr" and cfg.eval.every_n_steps > 0:
+        raise ValueError("eval.every_n_steps samples a base model; the SR model needs a base model's output to "
+                         "upsample: evaluate SR checkpoints with recipe=evaluate (generate.sr_ckpt) instead")
     trainer = build_trainer(cfg, run_dir, eval_callbacks(cfg), resolved)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     return {"global_step": trainer.global_step, "run_dir": str(run_dir)}

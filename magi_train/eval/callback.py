@@ -26,6 +26,15 @@ from magi_train.eval.videoscore import load_scorer
 log = logging.getLogger(__name__)
 
 
+def sampling_model(pl_module: L.LightningModule) -> tuple[torch.nn.Module, bool]:
+    """(the DiT to sample, whether it is a distilled student): a dmd2 task's `student` runs the 8-step
+    sampler without CFG; the `model` of the pretraining task runs UniPC with CFG."""
+    student = getattr(pl_module, "student", None)
+    if isinstance(student, torch.nn.Module):
+        return student, True
+    return pl_module.model, False
+
+
 class EvalCallback(L.Callback):
     """Every `every_n_steps` optimizer steps: sample, score and log `eval/<column>` (and `eval/<column>_low/_high`).
 
@@ -44,7 +53,7 @@ class EvalCallback(L.Callback):
         self._scorer = self._asr = None
         self._last_step = -1
 
-    def _pipeline(self, model: torch.nn.Module, step: int, device: torch.device):
+    def _pipeline(self, model: torch.nn.Module, step: int, device: torch.device, distilled: bool):
         from magi_train.codecs import AudioVAE, VideoVAE
         from magi_train.inference.checkpoints import LoadedDiT
         from magi_train.inference.generate import Pipeline
@@ -71,7 +80,7 @@ class EvalCallback(L.Callback):
             )
         video_vae, audio_vae, text_path = self._codecs
         base = LoadedDiT(model, source="training", weights="raw", path=f"training step {step}")
-        return Pipeline(base, video_vae, audio_vae, device, None, False, None, text_path)
+        return Pipeline(base, video_vae, audio_vae, device, None, distilled, None, text_path)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -86,11 +95,11 @@ class EvalCallback(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict[str, Any]:
         from magi_train.inference.generate import generate
 
-        model = pl_module.model
+        model, distilled = sampling_model(pl_module)
         was_training = model.training
         model.eval()
         try:
-            pipe = self._pipeline(model, step, pl_module.device)
+            pipe = self._pipeline(model, step, pl_module.device, distilled)
             if self._scorer is None:
                 sc = self.cfg.scorer
                 kwargs = (

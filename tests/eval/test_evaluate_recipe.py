@@ -214,3 +214,19 @@ def test_training_callback_samples_scores_and_logs(compose, smoke, tmp_path):
         assert column in header, header
     assert "eval/visual_quality_low" not in header  # one clip: no bootstrap interval to log
     assert trainer.lightning_module.model.training  # restored after sampling
+    settings = json.loads((tmp_path / "eval_callback/step00000004/en_kitchen.json").read_text())
+    assert "unipc" in json.dumps(settings)  # the pretraining model: UniPC
+
+    class Distilled(Toy):  # a dmd2 task samples its student with the distilled sampler
+        def __init__(self):
+            super().__init__()
+            self.student = self.model
+
+    callback = eval_callbacks(cfg)[0]
+    run_dir = tmp_path / "distilled"
+    callback.out_dir = run_dir
+    L.Trainer(max_steps=2, accelerator="cpu", logger=False, callbacks=[callback], enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(
+        Distilled(), torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=1))  # fmt: skip
+    settings = json.loads(next(run_dir.rglob("en_kitchen.json")).read_text())
+    assert "distilled" in json.dumps(settings) and "unipc" not in json.dumps(settings)
