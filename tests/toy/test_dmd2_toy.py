@@ -20,13 +20,7 @@ from magi_train.toy.metrics import evaluate, passes
 NUM_EVAL = 2000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny MLPs gain nothing from intra-op threads; on shared cores spinning OpenMP threads cost 5-10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
