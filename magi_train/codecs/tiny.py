@@ -46,7 +46,8 @@ _SENTENCES = [
 ]
 
 
-def _write_tokenizer(path: Path) -> None:
+def write_tiny_tokenizer(path: Path) -> None:
+    """A 100-piece SentencePiece BPE model with a Gemma tokenizer config (what T5-Gemma directories ship)."""
     import sentencepiece as spm
 
     model = io.BytesIO()
@@ -94,7 +95,7 @@ def write_tiny_codecs(root: str | Path, seed: int = 0) -> dict[str, Path]:
             encoder=TINY_T5GEMMA, decoder=TINY_T5GEMMA, is_encoder_decoder=False, vocab_size=128
         )
         transformers.T5GemmaEncoderModel(config).save_pretrained(p)
-        _write_tokenizer(p)
+        write_tiny_tokenizer(p)
 
     _save_atomic(paths["text_encoder"], text)
     assert HOP == 2 * 4 * 4 * 8 * 8

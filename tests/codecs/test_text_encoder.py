@@ -1,6 +1,5 @@
 """T5-Gemma text encoder on a tiny random T5GemmaEncoderModel and a SentencePiece tokenizer (spec §4.3)."""
 
-import io
 import json
 import os
 
@@ -12,32 +11,14 @@ transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 
 from magi_train.codecs import TextEncoder, pad_text_features  # noqa: E402
+from magi_train.codecs.tiny import write_tiny_tokenizer  # noqa: E402
 
-SENTENCES = [
-    "a woman speaks to the camera in a bright kitchen",
-    "the quick brown fox jumps over the lazy dog",
-    "dialogue: the man says hello world in english",
-    "background sound: rain on the window and distant thunder",
-    "a close up of a cat sleeping on a sofa",
-]
 MODULE = dict(
     vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
     num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
     max_position_embeddings=256,
 )  # fmt: skip
 PROMPTS = ["a cat", "a woman speaks to the camera in a bright kitchen while rain falls on the window"]
-
-
-def _write_tokenizer(path):
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SENTENCES * 10), model_writer=model, vocab_size=100, model_type="bpe",
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
-    )  # fmt: skip
-    (path / "tokenizer.model").write_bytes(model.getvalue())
-    config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False}
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +29,7 @@ def encoder_dir(tmp_path_factory):
         encoder=MODULE, decoder=MODULE, is_encoder_decoder=False, vocab_size=128
     )
     transformers.T5GemmaEncoderModel(config).save_pretrained(path)
-    _write_tokenizer(path)
+    write_tiny_tokenizer(path)
     return path
 
 
@@ -99,7 +80,7 @@ def test_loads_the_encoder_of_a_full_encoder_decoder_checkpoint(tmp_path, encode
         transformers.T5GemmaConfig(encoder=MODULE, decoder=MODULE, vocab_size=128)
     )
     full.save_pretrained(tmp_path)
-    _write_tokenizer(tmp_path)
+    write_tiny_tokenizer(tmp_path)
     enc = TextEncoder.from_pretrained(tmp_path, dtype=torch.float32)
     ids = enc.tokenizer(["a cat"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
