@@ -119,20 +119,23 @@ def pack_by_tokens(
         if pending and (tokens + n > max_tokens or (max_clips is not None and len(pending) >= max_clips)):
             yield ClipBatch.from_clips(pending)
             pending, tokens = [], 0
-        if n > max_tokens:
-            oversized += 1
-            if oversized == 1:
-                log.warning(
-                    "clip %s has %d tokens > max_tokens=%d: it becomes a batch of its own (raise "
-                    "max_tokens or re-cut long clips; further ones are not reported)",
-                    clip.key,
-                    n,
-                    max_tokens,
-                )
+        oversized += _warn_oversized(clip, n, max_tokens, oversized)
         pending.append(clip)
         tokens += n
     if pending:
         yield ClipBatch.from_clips(pending)
+
+
+def _warn_oversized(clip: Clip, n: int, max_tokens: int, seen: int) -> int:
+    """1 if the clip alone exceeds the token budget (warned about the first time only), else 0."""
+    if n <= max_tokens:
+        return 0
+    if seen == 0:
+        log.warning(
+            "clip %s has %d tokens > max_tokens=%d: it becomes a batch of its own (raise max_tokens or re-cut "
+            "long clips; further ones are not reported)", clip.key, n, max_tokens,
+        )  # fmt: skip
+    return 1
 
 
 def bucket_key(clip: Clip) -> tuple[int, int, int]:
@@ -170,16 +173,7 @@ def pack_bucketed(
             held -= len(queue)
             queue.clear()
             tokens[key] = 0
-        if n > max_tokens:
-            oversized += 1
-            if oversized == 1:
-                log.warning(
-                    "clip %s has %d tokens > max_tokens=%d: it becomes a batch of its own (raise "
-                    "max_tokens or re-cut long clips; further ones are not reported)",
-                    clip.key,
-                    n,
-                    max_tokens,
-                )
+        oversized += _warn_oversized(clip, n, max_tokens, oversized)
         queue.append(clip)
         tokens[key] = tokens.get(key, 0) + n
         held += 1
