@@ -13,17 +13,7 @@ import torch
 pytest.importorskip("jiwer", reason="the eval extra is not installed: pip install -e '.[eval]'")
 
 from magi_train.__main__ import run
-from magi_train.codecs.tiny import write_tiny_codecs
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
-TRAIN = [
-    "experiment=smoke",
-    "trainer.max_steps=2",
-    "trainer.val_check_interval=null",
-    "trainer.enable_progress_bar=false",
-    "data.synthetic.num_clips=8",
-    "data.synthetic.samples_per_shard=8",
-]
 FAST = [  # short clips, 4 UniPC steps without CFG: the tiny DiT's forward dominates the run time
     "generate.seconds=0.2", "eval.suite.seconds=0.2", "eval.generate_overrides.steps=4",
     "+eval.generate_overrides.cfg=false", "generate.progress=false", "eval.bootstrap_resamples=200",
@@ -31,39 +21,15 @@ FAST = [  # short clips, 4 UniPC steps without CFG: the tiny DiT's forward domin
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    from hydra import compose, initialize_config_dir
-
-    from magi_train.config import register_configs
-    from magi_train.train import run_pretrain
-
-    root = tmp_path_factory.mktemp("eval_smoke")
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            config_name="config", overrides=["recipe=pretrain_base", f"run_dir={root / 'train'}", *TRAIN]
-        )
-    run_pretrain(cfg)
-    write_tiny_codecs(root / "codecs")
-    return {"root": root, "ckpt": root / "train/checkpoints/last.ckpt", "codecs": root / "codecs"}
-
-
 def _evaluate(compose, smoke, run_dir, *extra):
     return run(compose(["recipe=evaluate", "experiment=smoke", f"run_dir={run_dir}", *FAST,
-                        f"generate.base_ckpt={smoke['ckpt']}", f"generate.codecs_dir={smoke['codecs']}", *extra]))  # fmt: skip
+                        f"generate.base_ckpt={smoke['base']}", f"generate.codecs_dir={smoke['codecs']}", *extra]))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def evaluated(smoke):
+def evaluated(compose, smoke):
     """One smoke evaluation (generate -> score -> report), shared by the tests below."""
-    from hydra import compose, initialize_config_dir
-
-    def _compose(overrides):
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-
-    return _evaluate(_compose, smoke, smoke["root"] / "run")
+    return _evaluate(compose, smoke, smoke["root"] / "run")
 
 
 def test_smoke_evaluation_writes_every_column(smoke, evaluated):

@@ -3,7 +3,6 @@ seeding, checkpoint loading and the input errors."""
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,51 +10,13 @@ import torch
 
 from magi_train.__main__ import run
 from magi_train.codecs import AudioVAE, VideoVAE, center_crop_resize, load_audio, read_mp4_info
-from magi_train.codecs.tiny import write_tiny_codecs
 from magi_train.config import GenerateConfig
 from magi_train.inference import generate, load_dit, load_pipeline, load_text_features
 from magi_train.inference.generate import read_driving_audio
 from magi_train.models.checkpoint import export_released
 from magi_train.models.dit import MODEL_CONFIGS, DiTConfig
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
-TRAIN = [
-    "experiment=smoke",
-    "trainer.max_steps=2",
-    "trainer.val_check_interval=null",
-    "trainer.enable_progress_bar=false",
-    "data.synthetic.num_clips=8",
-    "data.synthetic.samples_per_shard=8",
-]
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """Tiny codecs and two short training runs: a base and an SR checkpoint of ours (.ckpt with EMA)."""
-    from hydra import compose, initialize_config_dir
-
-    from magi_train.config import register_configs
-    from magi_train.train import run_pretrain
-
-    root = tmp_path_factory.mktemp("smoke")
-    register_configs()
-    for recipe in ("pretrain_base", "pretrain_sr"):
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(
-                config_name="config", overrides=[f"recipe={recipe}", f"run_dir={root / recipe}", *TRAIN]
-            )
-        run_pretrain(cfg)
-    codecs = root / "codecs"
-    write_tiny_codecs(codecs)
-    return {
-        "root": root,
-        "codecs": codecs,
-        "base": root / "pretrain_base/checkpoints/last.ckpt",
-        "sr": root / "pretrain_sr/checkpoints/last.ckpt",
-    }
 
 
 def _cfg(smoke, out, **kw) -> GenerateConfig:

@@ -26,19 +26,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def teacher_ckpt(one_thread, tmp_path_factory) -> Path:
+def teacher_ckpt(one_thread, compose, tmp_path_factory) -> Path:
     """A 10-step smoke pretraining run (EMA on): the teacher every distillation test starts from."""
-    from hydra import compose, initialize_config_dir
-
-    from magi_train.config import register_configs
-
-    register_configs()
     run_dir = tmp_path_factory.mktemp("pretrain")
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "configs"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "recipe=pretrain_base", "experiment=smoke", f"run_dir={run_dir}", "trainer.max_steps=10",
-            "trainer.checkpoint_every_n_steps=10", "trainer.val_check_interval=null", *FAST,
-        ])
+    cfg = compose([
+        "recipe=pretrain_base", "experiment=smoke", f"run_dir={run_dir}", "trainer.max_steps=10",
+        "trainer.checkpoint_every_n_steps=10", "trainer.val_check_interval=null", *FAST,
+    ])  # fmt: skip
     run(cfg)
     return run_dir / "checkpoints" / "last.ckpt"
 
