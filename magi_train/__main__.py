@@ -15,10 +15,10 @@ register_configs()
 def run(cfg: DictConfig) -> Any:
     """Run the recipe's task on a composed config (tests call this directly)."""
     # heavy imports after Hydra has parsed the command line
-    from magi_train.distill import run_distill
+    from magi_train.training.run import run_distill
     from magi_train.eval.runner import run_evaluate
     from magi_train.inference.generate import run_generate
-    from magi_train.train import run_pretrain
+    from magi_train.training.trainer import run_pretrain
 
     runners = {
         "pretrain": run_pretrain,

@@ -110,7 +110,7 @@ class TrainerConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = "auto"  # auto | ddp | fsdp | deepspeed_stage_2 | deepspeed_stage_3 (magi_train/strategies.py)
+    name: str = "auto"  # auto | ddp | fsdp | deepspeed_stage_2 | deepspeed_stage_3 (magi_train/training/strategies.py)
     find_unused_parameters: bool = False
     # sharded strategies: fsdp puts parameters and gradients on CPU; deepspeed the optimizer state (and the
     # parameters at stage 3)

@@ -57,7 +57,7 @@ def smoke(tmp_path_factory):
     """Tiny random codecs and two short training runs, a base and an SR checkpoint of ours (.ckpt with EMA),
     shared by the generate and evaluate tests: {"root", "codecs", "base", "sr"}."""
     from magi_train.codecs.tiny import write_tiny_codecs
-    from magi_train.train import run_pretrain
+    from magi_train.training.trainer import run_pretrain
 
     root = tmp_path_factory.mktemp("smoke")
     threads = torch.get_num_threads()

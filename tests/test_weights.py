@@ -5,7 +5,7 @@ import torch
 
 from magi_train.models.checkpoint import export_released
 from magi_train.models.dit import MODEL_CONFIGS, DiT
-from magi_train.weights import load_dit_weights, read_dit_state
+from magi_train.models.weights import load_dit_weights, read_dit_state
 
 
 def _tiny(seed: int) -> DiT:

@@ -53,7 +53,7 @@ from magi_train.codecs.video_vae import (
 )
 from magi_train.data.schema import Clip, count_tokens
 from magi_train.data.writer import write_shards
-from magi_train.fileio import atomic_write, fsync_path
+from magi_train.utils.fileio import atomic_write, fsync_path
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import numpy as np
 import webdataset as wds
 
 from magi_train.data.schema import check_clip_arrays, encode_npy
-from magi_train.fileio import fsync_path
+from magi_train.utils.fileio import fsync_path
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from magi_train.fileio import atomic_write
+from magi_train.utils.fileio import atomic_write
 
 STAGES = ("text", "base", "sr", "decode")
 LATENCY_PROMPT = (

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from magi_train.eval.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, Estimate, bootstrap
-from magi_train.fileio import atomic_write
+from magi_train.utils.fileio import atomic_write
 
 TIE = "tie"
 

@@ -11,7 +11,7 @@ from typing import Any
 from magi_train.eval.speech import SpeechScore, aggregate
 from magi_train.eval.stats import Estimate, mean_ci
 from magi_train.eval.videoscore import DIMENSIONS, PAPER_COLUMNS
-from magi_train.fileio import atomic_write
+from magi_train.utils.fileio import atomic_write
 
 COLUMNS = {**PAPER_COLUMNS, "wer": "WER"}
 SYNC_COLUMNS = {"lse_d": "LSE-D", "lse_c": "LSE-C"}  # only when eval.sync_weights is set

@@ -21,7 +21,7 @@ import torch
 
 from magi_train.models.checkpoint import load_released, released_dtype
 from magi_train.models.dit import MODEL_CONFIGS, DiT, DiTConfig
-from magi_train.weights import load_state_strict, read_dit_state
+from magi_train.models.weights import load_state_strict, read_dit_state
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from magi_train.fileio import fsync_path
+from magi_train.utils.fileio import fsync_path
 from magi_train.models.dit import MODEL_CONFIGS, DiT, DiTConfig
 
 INDEX_NAME = "model.safetensors.index.json"

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from magi_train.config import DistillConfig, OptimConfig, RoleConfig
 from magi_train.data.reader import ClipBatch
-from magi_train.fileio import atomic_file
+from magi_train.utils.fileio import atomic_file
 from magi_train.flow import dmd
 from magi_train.flow.matching import Mode, drop_text, sample_modes
 from magi_train.flow.sampling import sample_distilled

@@ -189,7 +189,7 @@ def test_whisper_backend_through_the_transformers_pipeline(tmp_path):
     """The `whisper` backend on a tiny random multilingual Whisper: loading, language and task ids, resampling
     rate and the 30-second chunking of long audio (the transcripts of a random model are noise)."""
     from magi_train.eval.asr import load_asr
-    from magi_train.eval.tiny import write_tiny_whisper
+    from tests.fixtures.tiny_models import write_tiny_whisper
 
     asr = load_asr("whisper", str(write_tiny_whisper(tmp_path / "whisper")), device="cpu")
     assert asr.sample_rate == 16000 and asr.languages is None and asr.name == "whisper"

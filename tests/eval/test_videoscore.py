@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from magi_train.eval.tiny import (
+from tests.fixtures.tiny_models import (
     build_tiny_model,
     build_tiny_tokenizer,
     torchvision_available,

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from magi_train.__main__ import run
 from magi_train.config import DistillConfig, RoleConfig
-from magi_train.distill import load_role_weights
-from magi_train.distill_memory import GIB, RoleParameters, memory_table, teacher_bytes, trainable_bytes
+from magi_train.training.run import load_role_weights
+from magi_train.training.memory import GIB, RoleParameters, memory_table, teacher_bytes, trainable_bytes
 from magi_train.flow import dmd
 from magi_train.models.dit import MODEL_CONFIGS, DiT
 from magi_train.tasks.dmd2 import DiTCondition, DiTScore, DMD2Task

@@ -3,7 +3,7 @@
 Lightning's DeepSpeedStrategy refuses any accelerator but CUDA in `setup_environment` (and
 index-less devices in `setup_distributed`); DeepSpeed itself
 runs on its CPU accelerator with gloo. This subclass skips only those checks and is swapped in where
-magi_train/strategies.py imports the class, so everything else (config, ZeRO stage, checkpoints) is the
+magi_train/training/strategies.py imports the class, so everything else (config, ZeRO stage, checkpoints) is the
 production path. Lightning re-launches this script for rank 1 with the same arguments.
 """
 

@@ -5,7 +5,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from magi_train import bench
+from magi_train.tools import bench
 from magi_train.models.dit import MODEL_CONFIGS, DiT, ModalityLinear
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from magi_train.consolidate import checkpoint_kind, consolidate, load_checkpoint_weights
+from magi_train.tools.consolidate import checkpoint_kind, consolidate, load_checkpoint_weights
 from magi_train.models.checkpoint import load_released
 from magi_train.models.dit import MODEL_CONFIGS, DiT
 

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
-import magi_train.train as train_module
+import magi_train.training.trainer as train_module
 from magi_train.__main__ import run
 from magi_train.config import register_configs
 from magi_train.models.dit import DiTConfig

@@ -12,12 +12,12 @@ from omegaconf import OmegaConf
 
 import magi_train.data.distributed as even
 from magi_train.config import StrategyConfig
-from magi_train.consolidate import checkpoint_kind, consolidate, load_checkpoint_weights
+from magi_train.tools.consolidate import checkpoint_kind, consolidate, load_checkpoint_weights
 from magi_train.data.distributed import EvenAcrossRanks
 from magi_train.models.checkpoint import load_released
 from magi_train.models.dit import MODEL_CONFIGS, DiT, TransformerLayer
-from magi_train.strategies import build_strategy, deepspeed_autocast_config
-from magi_train.train import check_ema_strategy, find_resume_checkpoint, newest_checkpoint, to_dataclass
+from magi_train.training.strategies import build_strategy, deepspeed_autocast_config
+from magi_train.training.trainer import check_ema_strategy, find_resume_checkpoint, newest_checkpoint, to_dataclass
 
 STRATEGY_DIR = Path(__file__).resolve().parents[2] / "configs" / "strategy"
 

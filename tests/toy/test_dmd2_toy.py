@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from magi_train.flow import dmd
-from magi_train.toy.distill import (
+from magi_train.tools.toy.distill import (
     DistillConfig,
     TeacherConfig,
     ToyMLP,
@@ -14,8 +14,8 @@ from magi_train.toy.distill import (
     toy_noise,
     train_teacher,
 )
-from magi_train.toy.gmm import balanced_labels
-from magi_train.toy.metrics import evaluate, passes
+from magi_train.tools.toy.gmm import balanced_labels
+from magi_train.tools.toy.metrics import evaluate, passes
 
 NUM_EVAL = 2000
 
@@ -103,7 +103,7 @@ def test_the_toy_runs_the_library_functions(monkeypatch):
 
 def test_command_writes_the_table_and_the_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    from magi_train.toy.__main__ import main
+    from magi_train.tools.toy.__main__ import main
 
     rows = main(["--out", str(tmp_path), "--teacher-steps", "20", "--iters", "10", "--one-step-iters", "5",
                  "--num-eval", "64"])

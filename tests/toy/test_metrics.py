@@ -1,9 +1,9 @@
-"""Toy metrics (magi_train.toy.metrics): exact data passes the DMD-2 toy bounds, the failure kinds do not."""
+"""Toy metrics (magi_train.tools.toy.metrics): exact data passes the DMD-2 toy bounds, the failure kinds do not."""
 
 import torch
 
-from magi_train.toy.gmm import NUM_CLASSES, balanced_labels, centres_2d, sample_data
-from magi_train.toy.metrics import evaluate, mmd2, passes, sliced_w1
+from magi_train.tools.toy.gmm import NUM_CLASSES, balanced_labels, centres_2d, sample_data
+from magi_train.tools.toy.metrics import evaluate, mmd2, passes, sliced_w1
 
 
 def _data(n=2000, joint=False, seed=0):

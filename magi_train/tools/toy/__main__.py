@@ -1,4 +1,4 @@
-"""`python -m magi_train.toy --out DIR`: the DMD-2 (arXiv 2405.14867) toy proof on CPU - teacher, 4-step and
+"""`python -m magi_train.tools.toy --out DIR`: the DMD-2 (arXiv 2405.14867) toy proof on CPU - teacher, 4-step and
 1-step students, negative controls, one- and two-modality variants; prints a table, saves a PNG."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from magi_train.toy.distill import (
+from magi_train.tools.toy.distill import (
     DistillConfig,
     TeacherConfig,
     ToyMLP,
@@ -23,8 +23,8 @@ from magi_train.toy.distill import (
     toy_noise,
     train_teacher,
 )
-from magi_train.toy.gmm import balanced_labels
-from magi_train.toy.metrics import evaluate, passes
+from magi_train.tools.toy.gmm import balanced_labels
+from magi_train.tools.toy.metrics import evaluate, passes
 
 # the 1-step generator has no later step to correct it: more iterations and a faster generator (spec §9: 15k)
 ONE_STEP = {"num_steps": 1, "iters": 4000, "lr_gen": 5e-4}
@@ -133,7 +133,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m magi_train.toy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m magi_train.tools.toy", description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="directory for table.md, metrics.json, samples.png")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--teacher-steps", type=int, default=TeacherConfig.steps)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from magi_train.toy.gmm import RADIUS, STD, centres_1d, centres_2d, class_1d_centres, mode_class, mode_to_1d
+from magi_train.tools.toy.gmm import RADIUS, STD, centres_1d, centres_2d, class_1d_centres, mode_class, mode_to_1d
 
 BANDWIDTHS = (0.05, 0.2, 0.5, 1.0, 2.0)
 

@@ -22,14 +22,14 @@ from magi_train.config import (
     StrategyConfig,
     TrainerConfig,
 )
-from magi_train.csv_log import RunCSVLogger
+from magi_train.training.csv_log import RunCSVLogger
 from magi_train.data.datamodule import ClipDataModule
 from magi_train.models.dit import DiT, DiTConfig
 from magi_train.models.parallelize import parallelize
-from magi_train.strategies import strategy_applies_activation_checkpointing
+from magi_train.training.strategies import strategy_applies_activation_checkpointing
 from magi_train.tasks.pretrain import PretrainTask
 from magi_train.tasks.super_resolution import SuperResolutionTask
-from magi_train.weights import load_dit_weights
+from magi_train.models.weights import load_dit_weights
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +76,15 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, resolved: dict[str, Any]) ->
 
 
 def build_strategy(cfg: DictConfig, precision: str = "32-true", activation_checkpointing: bool = False):
-    """The Lightning strategy of `configs/strategy/` (see magi_train/strategies.py)."""
-    from magi_train.strategies import build_strategy as _build
+    """The Lightning strategy of `configs/strategy/` (see magi_train/training/strategies.py)."""
+    from magi_train.training.strategies import build_strategy as _build
 
     return _build(to_dataclass(cfg, StrategyConfig), precision, activation_checkpointing)
 
 
 def check_ema_strategy(cfg: DictConfig) -> None:
     """Lightning's EMA callback copies whole parameters: it cannot follow sharded ones, nor save with DeepSpeed."""
-    from magi_train.strategies import SHARDED
+    from magi_train.training.strategies import SHARDED
 
     if cfg.optim.ema_decay > 0 and cfg.strategy.name in SHARDED:
         raise ValueError(
@@ -211,7 +211,7 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
     if cfg.init_from and ckpt_path is None:  # a resumed run takes its weights from the checkpoint
         load_dit_weights(model, cfg.init_from, "init_from")
     print(f"parameters: {model.num_parameters():,}")
-    # FSDP applies activation checkpointing itself, after wrapping (magi_train/strategies.py)
+    # FSDP applies activation checkpointing itself, after wrapping (magi_train/training/strategies.py)
     own_ac = not strategy_applies_activation_checkpointing(cfg.strategy.name)
     model = parallelize(model, model_cfg.activation_checkpointing and own_ac, model_cfg.compile)
     common = dict(

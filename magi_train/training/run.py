@@ -19,10 +19,10 @@ from magi_train.eval.callback import eval_callbacks
 from magi_train.models.checkpoint import load_released, released_dtype
 from magi_train.models.dit import DiT, DiTConfig
 from magi_train.models.parallelize import parallelize
-from magi_train.strategies import strategy_applies_activation_checkpointing
+from magi_train.training.strategies import strategy_applies_activation_checkpointing
 from magi_train.tasks.dmd2 import DMD2Task, StudentEMA, validate_distill
-from magi_train.train import build_trainer, find_resume_checkpoint, to_dataclass
-from magi_train.weights import load_state_strict, read_dit_state
+from magi_train.training.trainer import build_trainer, find_resume_checkpoint, to_dataclass
+from magi_train.models.weights import load_state_strict, read_dit_state
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def run_distill(cfg: DictConfig) -> dict[str, Any]:
     validate_distill(dcfg)
 
     if cfg.dry_run:
-        from magi_train.distill_memory import format_table, memory_table, role_parameters
+        from magi_train.training.memory import format_table, memory_table, role_parameters
 
         counts = role_parameters(model_cfg)
         print(f"parameters per role: {counts.total:,} (teacher, critic and student each)")
@@ -195,7 +195,7 @@ def run_distill(cfg: DictConfig) -> dict[str, Any]:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     accumulate = cfg.trainer.accumulate_grad_batches
     datamodule = DistillDataModule(to_dataclass(cfg.data, DataConfig), accumulate)
-    # FSDP applies activation checkpointing itself, after wrapping (magi_train/strategies.py)
+    # FSDP applies activation checkpointing itself, after wrapping (magi_train/training/strategies.py)
     own_ac = not strategy_applies_activation_checkpointing(cfg.strategy.name)
     teacher, critic, student = build_roles(model_cfg, dcfg, load_teacher=not holds_teacher,
                                            load_trainable=ckpt_path is None, own_checkpointing=own_ac)

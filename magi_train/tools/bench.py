@@ -1,4 +1,4 @@
-"""`python -m magi_train.bench`: DiT training-step throughput (fwd+bwd time, tokens/s, peak memory, MFU).
+"""`python -m magi_train.tools.bench`: DiT training-step throughput (fwd+bwd time, tokens/s, peak memory, MFU).
 
 Model FLOPs of one training step (forward + backward, the usual 3x forward; activation-checkpointing
 recompute is not counted, as in MFU conventions, e.g. PaLM appendix B):
@@ -385,7 +385,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m magi_train.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m magi_train.tools.bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=sorted(MODEL_CONFIGS), default="tiny")
     p.add_argument("--num-layers", type=int, default=None, help="fewer layers of the same width (mid sizes)")
     p.add_argument("--seconds", type=float, default=4.0)

@@ -1,6 +1,6 @@
 """Per-GPU memory of DMD-2 model state (teacher + critic + student) under ZeRO-3 / FSDP full sharding.
 
-    python -m magi_train.distill_memory [--model magihuman_15b] [--gpus 8 32 64] [--gpu-gib 79.65]
+    python -m magi_train.training.memory [--model magihuman_15b] [--gpus 8 32 64] [--gpu-gib 79.65]
 
 Parameter counts come from the model config (the DiT built on the meta device). Counted, per parameter and
 divided evenly over the GPUs (full sharding of every role):

@@ -21,7 +21,7 @@ from magi_train.models.dit import ModalityLinear, TransformerLayer
 
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3")
 # Strategies whose parameters or optimizer states are split across ranks: their checkpoints are directories
-# of per-rank shards (FSDP with state_dict_type=full: one file) that `python -m magi_train.consolidate`
+# of per-rank shards (FSDP with state_dict_type=full: one file) that `python -m magi_train.tools.consolidate`
 # turns into one state dict.
 SHARDED = ("fsdp", "deepspeed_stage_2", "deepspeed_stage_3")
 FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")

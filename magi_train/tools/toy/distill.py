@@ -14,7 +14,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from magi_train.flow import dmd
 from magi_train.flow.dmd import Batch
-from magi_train.toy.gmm import NULL_CLASS, NUM_CLASSES, sample_data
+from magi_train.tools.toy.gmm import NULL_CLASS, NUM_CLASSES, sample_data
 
 
 class ToyMLP(nn.Module):

@@ -1,4 +1,4 @@
-"""`python -m magi_train.consolidate CKPT OUT`: a training checkpoint, sharded or not, -> released safetensors.
+"""`python -m magi_train.tools.consolidate CKPT OUT`: a training checkpoint, sharded or not, -> released safetensors.
 
 CKPT is any checkpoint a magi_train run writes: a Lightning `.ckpt` file (auto / DDP), a DeepSpeed ZeRO-2/3
 checkpoint directory (`last.ckpt/`, one shard per rank; merged to fp32 by DeepSpeed's own zero_to_fp32),
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from magi_train.models.checkpoint import DTYPE_POLICIES, export_released
 from magi_train.models.dit import DiT, DiTConfig
-from magi_train.weights import read_dit_state, strip_task_prefix
+from magi_train.models.weights import read_dit_state, strip_task_prefix
 
 WEIGHTS = ("auto", "ema", "current")
 # Globals DeepSpeed 0.19 pickles into ZeRO optimizer shards: plain state holders, no behaviour on load.
@@ -202,7 +202,7 @@ def consolidate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m magi_train.consolidate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m magi_train.tools.consolidate", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="a .ckpt file or a sharded checkpoint directory (e.g. .../last.ckpt)")
     p.add_argument("out_dir", help="released-format directory to write")
     p.add_argument(

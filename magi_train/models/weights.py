@@ -1,0 +1,373 @@
+"""The one DiT weight loader: every source kind, for every consumer (init_from, DMD-2 roles, generate, eval, consolidate).
+
+Source kinds (`source_kind`):
+- "released": a released-format directory (`model.safetensors.index.json` + shards, or `model.safetensors`,
+  optionally `.zst`), an index json or one `.safetensors` file (models/checkpoint.py `load_released`). It carries no
+  model config: the caller names one.
+- "lightning": one of our Lightning `.ckpt` files: the DiT under `model.` (pretrain / SR tasks) or `student.`
+  (dmd2), the resolved run config under `magi_config`, and, when trained with EMA, Lightning's EMA layout:
+  `state_dict` = the averaged weights, `current_model_state` = the trained ("raw") ones.
+- "deepspeed": a DeepSpeed ZeRO-2/3 checkpoint directory (merged to fp32 by DeepSpeed's own zero_to_fp32).
+- "dcp": an FSDP / torch.distributed.checkpoint directory (`.metadata` + shards, Lightning's `meta.pt`).
+
+Pickle: our files are read with `torch.load(weights_only=True)` and memory-mapped. DeepSpeed's optimizer shards and
+the DCP metadata are pickles that their libraries load unrestricted, so they are first scanned and refused if they
+reference anything beyond a short allow-list of plain state classes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from magi_train.models.checkpoint import DTYPE_POLICIES, load_released, released_dtype
+from magi_train.models.dit import DiT, DiTConfig
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = ("auto", "ema", "raw")  # auto: the EMA weights when the checkpoint has them, else the raw (trained) ones
+# Where a task keeps the DiT: pretrain / SR tasks (`model`), dmd2 (`student`, the network we distil into).
+TASK_PREFIXES = ("model.", "student.")
+# Module names that wrappers (activation checkpointing, FSDP, torch.compile, DeepSpeed) insert into keys.
+_WRAPPER_PARTS = re.compile(r"(^|\.)(_checkpoint_wrapped_module|_fsdp_wrapped_module|_orig_mod|_forward_module)\.")
+# DiTConfig fields that change how the model runs, not its weights: never compared, reset when rebuilding.
+RUNTIME_FIELDS = {"activation_checkpointing": False, "compile": False}
+_RUNTIME_COMPARE_SKIP = (*RUNTIME_FIELDS, "attn_backend")
+_SOURCE_HINT = (
+    "expected a released-format DiT directory (model.safetensors.index.json with its shards, or model.safetensors), "
+    "one of our checkpoints (<run_dir>/checkpoints/last.ckpt) or a sharded checkpoint directory (DeepSpeed, FSDP)"
+)
+# Globals DeepSpeed 0.19 pickles into ZeRO optimizer shards: plain state holders, no behaviour on load.
+_DEEPSPEED_GLOBALS = {
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+}
+_DCP_META = "meta.pt"  # Lightning's FSDP sharded checkpoints keep everything but tensors here
+
+
+@dataclass
+class LoadedDiT:
+    """A DiT with its weights and where they came from (recorded in generate's JSON and in logs)."""
+
+    model: DiT
+    source: str  # "released" | "lightning" | "deepspeed" | "dcp" | "training" (a live model)
+    weights: str  # "ema" | "raw" | "released"
+    path: str
+    task: str | None = None  # the training task of one of our checkpoints
+    config: dict[str, Any] | None = None  # the run's resolved config stored in the checkpoint
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "source": self.source,
+            "weights": self.weights,
+            "task": self.task,
+            "parameters": self.model.num_parameters(),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model configs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def model_config_from_dict(values: dict[str, Any], where: str) -> DiTConfig:
+    """The DiTConfig of a saved `magi_config["model"]`; unknown fields are an error, runtime switches reset."""
+    names = {f.name for f in dataclasses.fields(DiTConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where}: model config has unknown fields {unknown}; was it written by another version?")
+    cfg = DiTConfig(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()})
+    for key, value in RUNTIME_FIELDS.items():
+        setattr(cfg, key, value)
+    cfg.validate()
+    return cfg
+
+
+def check_same_architecture(saved: DiTConfig, cfg: DiTConfig, where: str) -> None:
+    """A clear error when a checkpoint was trained with another model config than the one asked for."""
+    diff = []
+    for f in dataclasses.fields(DiTConfig):
+        if f.name in _RUNTIME_COMPARE_SKIP:
+            continue
+        ours, theirs = getattr(cfg, f.name), getattr(saved, f.name)
+        norm = (lambda x: list(x) if isinstance(x, tuple | list) else x)  # noqa: E731
+        if norm(ours) != norm(theirs):
+            diff.append(f"model.{f.name}: checkpoint {theirs!r}, this run {ours!r}")
+    if diff:
+        raise ValueError(
+            f"{where} was trained with another model config ({'; '.join(diff[:4])}); select the same model "
+            "(e.g. model=tiny for the smoke checkpoints)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# state dicts of every source kind
+# ---------------------------------------------------------------------------------------------------------
+
+
+def source_kind(source: str | Path) -> str:
+    """'released', 'lightning', 'deepspeed' or 'dcp' (see the module docstring); ValueError if it is none."""
+    p = Path(source)
+    if p.suffix in (".safetensors", ".json", ".zst") or (p.is_dir() and _is_released_dir(p)):
+        if not p.exists() and not p.with_name(p.name + ".zst").exists():
+            raise ValueError(f"{source}: no such file; {_SOURCE_HINT}")
+        return "released"
+    if p.is_file():
+        return "lightning"
+    if not p.is_dir():
+        raise ValueError(f"{source} does not exist; {_SOURCE_HINT}")
+    if (p / ".metadata").is_file():
+        return "dcp"
+    if (
+        (p / "latest").is_file()
+        or any(p.glob("*/mp_rank_00_model_states.pt"))
+        or any(p.glob("*/zero_pp_rank_0_mp_rank_00_model_states.pt"))
+    ):
+        return "deepspeed"
+    raise ValueError(f"{source} is a directory of none of the known kinds; {_SOURCE_HINT}")
+
+
+def _is_released_dir(p: Path) -> bool:
+    return any(p.glob("*.safetensors*")) or any(p.glob("*.safetensors.index.json"))
+
+
+def strip_task_prefix(state: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """LightningModule keys (`model.<dit key>`, maybe with wrapper parts) -> bare DiT keys."""
+    state = {_WRAPPER_PARTS.sub(r"\1", k): v for k, v in state.items()}
+    for prefix in TASK_PREFIXES:
+        sub = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        if sub:
+            return sub
+    raise ValueError(
+        f"{where}: no DiT weights under {' or '.join(repr(p) for p in TASK_PREFIXES)}; keys look like {list(state)[:4]}"
+    )
+
+
+def _read_lightning(path: Path, weights: str) -> tuple[dict[str, Tensor], dict | None, str]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises several types for a corrupt or foreign file
+        raise ValueError(f"could not read {path} as a Lightning checkpoint: {err}") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path} has no 'state_dict': not a Lightning checkpoint")
+    has_ema = "current_model_state" in ckpt
+    if weights == "ema" and not has_ema:
+        raise ValueError(f"weights=ema but {path} holds no EMA weights (trained without EMA?)")
+    use_ema = has_ema and weights != "raw"
+    state = ckpt["state_dict"] if use_ema or not has_ema else ckpt["current_model_state"]
+    return strip_task_prefix(state, str(path)), ckpt.get("magi_config"), "ema" if use_ema else "raw"
+
+
+def _check_pickle_globals(files: list[Path], allowed: set[str]) -> None:
+    """Refuse torch.save files that reference globals outside `allowed` (checked without unpickling)."""
+    for f in files:
+        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(f)) - allowed
+        if unsafe:
+            raise ValueError(f"{f} references {sorted(unsafe)}: refusing to unpickle it (not a plain checkpoint)")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP `.metadata` only if it uses torch.distributed.checkpoint classes and plain containers."""
+
+    _SAFE = {
+        ("collections", "OrderedDict"),
+        ("torch", "Size"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("torch.serialization", "_get_layout"),  # layout by name, e.g. torch.strided
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),  # the checkpoint id
+    }
+
+    def find_class(self, module: str, name: str):
+        ok = (
+            module.startswith("torch.distributed.checkpoint.")
+            or (module, name) in self._SAFE
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not ok:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in distributed-checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def _deepspeed_tag_dir(path: Path) -> Path:
+    latest = path / "latest"
+    tag = latest.read_text().strip() if latest.is_file() else None
+    tag_dir = path / tag if tag else next(p.parent for p in path.glob("*/*model_states.pt"))
+    if not tag_dir.is_dir():
+        raise ValueError(f"DeepSpeed checkpoint {path}: its `latest` names {tag!r}, which is not a folder there")
+    return tag_dir
+
+
+def _read_deepspeed(path: Path) -> tuple[dict[str, Tensor], dict | None]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = _deepspeed_tag_dir(path)
+    _check_pickle_globals(sorted(tag_dir.glob("*.pt")), _DEEPSPEED_GLOBALS)
+    model_states = sorted(tag_dir.glob("*model_states.pt"))
+    client = torch.load(model_states[0], map_location="cpu", weights_only=True, mmap=True)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag_dir.name)  # merges the ZeRO shards
+    return strip_task_prefix(state, str(path)), client.get("magi_config")
+
+
+def _read_dcp(path: Path) -> tuple[dict[str, Tensor], dict | None]:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    with (path / ".metadata").open("rb") as f:
+        _MetadataUnpickler(f).load()  # a safety scan: FileSystemReader unpickles it unrestricted
+    loaded: dict[str, Any] = {}
+    # Only the "model" entry: the optimizer states beside it are twice as large and not needed here.
+    _load_state_dict(
+        loaded, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True
+    )
+    if "model" not in loaded:
+        raise ValueError(f"distributed checkpoint {path} has no 'model' entry (not written by Lightning?)")
+    meta_file = path / _DCP_META
+    meta = torch.load(meta_file, map_location="cpu", weights_only=True) if meta_file.is_file() else {}
+    return strip_task_prefix(loaded["model"], str(path)), meta.get("magi_config")
+
+
+def read_dit_state(source: str | Path, weights: str = "auto") -> tuple[dict[str, Tensor], dict | None, str, str]:
+    """(bare DiT state dict, the run's resolved config or None, "ema" | "raw", kind) of one of our checkpoints.
+
+    Any kind but "released" (which is streamed into a model by `load_dit`). Sharded checkpoints (DeepSpeed, DCP)
+    hold no EMA weights.
+    """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: use one of {WEIGHTS}")
+    path = Path(source)
+    kind = source_kind(path)
+    if kind == "released":
+        raise ValueError(f"{source} is a released-format checkpoint: load it with load_dit(source, cfg)")
+    if kind == "lightning":
+        state, config, which = _read_lightning(path, weights)
+        return state, config, which, kind
+    if weights == "ema":
+        raise ValueError(f"weights=ema but {path} is a sharded {kind} checkpoint, which holds no EMA weights")
+    state, config = (_read_deepspeed if kind == "deepspeed" else _read_dcp)(path)
+    return state, config, "raw", kind
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loader
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_state_strict(model: DiT, state: dict[str, Tensor], where: str, assign: bool = False) -> None:
+    """`model.load_state_dict(state, strict=True)` with one ValueError naming every missing, unexpected or
+    mis-shaped key (torch raises RuntimeError for shapes only after the key check)."""
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]  # fmt: skip
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{where}: the weights do not fit the model config; missing {missing[:6]} ({len(missing)}), "
+            f"unexpected {unexpected[:6]} ({len(unexpected)}), shapes {shapes[:4]} ({len(shapes)}); select the "
+            "model the checkpoint was trained with"
+        )
+    if assign:  # keep each parameter's dtype and device (the state is on CPU, maybe in another dtype)
+        state = {k: v.to(device=own[k].device, dtype=own[k].dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=assign)
+
+
+def empty_dit(cfg: DiTConfig, device: str | torch.device = "cpu", dtype_policy: str = "fp32") -> DiT:
+    """A DiT with uninitialised storage on `device`: every tensor is then loaded (strictly) from a checkpoint.
+
+    dtype_policy "base" stores the block linears in bf16 as the released base checkpoint (spec §2.10), so a big
+    model never holds an fp32 copy on the device; norms, adapter and heads stay fp32. Run it under bf16 autocast.
+    """
+    if dtype_policy not in DTYPE_POLICIES:
+        raise ValueError(f"dtype_policy={dtype_policy!r}: use one of {DTYPE_POLICIES}")
+    with torch.device("meta"):
+        model = DiT(cfg)
+    if dtype_policy == "base":
+        for name, param in model.named_parameters():
+            if released_dtype(name, "base") == torch.bfloat16:
+                param.data = param.data.to(torch.bfloat16)
+    return model.to_empty(device=device)
+
+
+def check_source(source: str | Path | None, what: str) -> None:
+    """Fail fast, before anything is loaded, when a weight source is unset or does not exist."""
+    if not source:
+        raise ValueError(f"{what} is not set; {_SOURCE_HINT}")
+    try:
+        source_kind(source)
+    except ValueError as err:
+        raise ValueError(f"{what}={source}: {err}") from err
+
+
+def load_dit(
+    source: str | Path,
+    cfg: DiTConfig | None = None,
+    weights: str = "auto",
+    *,
+    what: str = "checkpoint",
+    device: str | torch.device = "cpu",
+    dtype_policy: str = "fp32",
+) -> LoadedDiT:
+    """Build a DiT and load its weights strictly from any source kind (module docstring).
+
+    cfg: the model config; required for released weights (they carry none), else checked against the config
+    stored in the checkpoint (None: rebuild from it). weights: "auto" | "ema" | "raw" for our checkpoints.
+    `what` names the setting in errors (e.g. "init_from", "distill.teacher.checkpoint").
+    """
+    check_source(source, what)
+    path = Path(source)
+    kind = source_kind(path)
+    if kind == "released":
+        if cfg is None:
+            raise ValueError(f"{what}={source}: released-format weights carry no model config; name one (model=...)")
+        model = empty_dit(cfg, device, dtype_policy)
+        try:
+            load_released(model, path)
+        except FileNotFoundError as err:
+            raise ValueError(f"{what}={source}: {err}; {_SOURCE_HINT}") from err
+        return LoadedDiT(model, "released", "released", str(path))
+    state, config, which, kind = read_dit_state(path, weights)
+    stored = config.get("model") if isinstance(config, dict) else None
+    if cfg is None:
+        if not isinstance(stored, dict):
+            raise ValueError(
+                f"{what}={source} stores no model config (magi_config): not written by magi_train; name the model"
+            )
+        cfg = model_config_from_dict(dict(stored), f"{what}={source}")
+    elif isinstance(stored, dict):
+        check_same_architecture(model_config_from_dict(dict(stored), f"{what}={source}"), cfg, f"{what}={source}")
+    model = empty_dit(copy.deepcopy(cfg), device, dtype_policy)
+    load_state_strict(model, state, f"{what}={source}", assign=True)
+    if weights == "auto" and which == "raw" and kind == "lightning":
+        log.info("%s=%s holds no EMA weights: loaded the raw (trained) weights", what, source)
+    task = config.get("task") if isinstance(config, dict) else None
+    return LoadedDiT(model, kind, which, str(path), task, config)
+
+
+__all__ = [
+    "DTYPE_POLICIES",
+    "WEIGHTS",
+    "LoadedDiT",
+    "check_same_architecture",
+    "check_source",
+    "empty_dit",
+    "load_dit",
+    "load_state_strict",
+    "model_config_from_dict",
+    "read_dit_state",
+    "source_kind",
+    "strip_task_prefix",
+]
