@@ -1,39 +1,125 @@
-"""`python -m magi_train recipe=<name> [overrides]`: the Hydra entry point of every recipe."""
+"""`python -m magi_train recipe=<name> [overrides]`: the Hydra entry point of every recipe.
+
+The only place that sees the root config: `run` narrows it once into typed nodes and hands each runner its own.
+"""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from magi_train.config import register_configs
+from magi_train.config import (
+    DataConfig,
+    DistillConfig,
+    EMAConfig,
+    EvalConfig,
+    FlowConfig,
+    GenerateConfig,
+    LoggerConfig,
+    OptimConfig,
+    SRConfig,
+    StrategyConfig,
+    TeacherConfig,
+    TrainerConfig,
+    narrow,
+    register_configs,
+)
+from magi_train.models.dit import DiTConfig
 
 register_configs()
+log = logging.getLogger("magi_train")
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+TASKS = ("pretrain", "pretrain_sr", "dmd2", "generate", "evaluate")
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The root config of `python -m magi_train <overrides>` (inside a Hydra app or outside one, as in tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name="config", overrides=overrides)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def ensure_teacher(teacher: TeacherConfig) -> None:
+    """Train the DMD-2 teacher first when its checkpoint is missing and the config says how (the smoke teacher)."""
+    if not teacher.checkpoint or Path(teacher.checkpoint).exists() or not teacher.train_overrides:
+        return
+    command = " ".join(["python -m magi_train", *teacher.train_overrides])
+    log.info(
+        "distill.teacher.checkpoint=%s does not exist: training it first (%s)", teacher.checkpoint, command
+    )
+    run(compose(list(teacher.train_overrides)))
+    if not Path(teacher.checkpoint).exists():
+        raise ValueError(
+            f"distill.teacher.train_overrides ran `{command}` but it wrote no {teacher.checkpoint}: make the "
+            "overrides' run directory the teacher checkpoint's (run_dir=<dir> for <dir>/checkpoints/last.ckpt)"
+        )
 
 
 def run(cfg: DictConfig) -> Any:
     """Run the recipe's task on a composed config (tests call this directly)."""
+    if cfg.task not in TASKS:
+        raise ValueError(f"recipe {cfg.recipe!r} names task {cfg.task!r}; known tasks: {list(TASKS)}")
     # heavy imports after Hydra has parsed the command line
-    from magi_train.training.run import run_distill
-    from magi_train.eval.runner import run_evaluate
-    from magi_train.inference.generate import run_generate
-    from magi_train.training.trainer import run_pretrain
+    if cfg.task == "generate":
+        from magi_train.inference.generate import run_generate
 
-    runners = {
-        "pretrain": run_pretrain,
-        "pretrain_sr": run_pretrain,
-        "dmd2": run_distill,
-        "generate": run_generate,
-        "evaluate": run_evaluate,
-    }
-    if cfg.task not in runners:
-        raise ValueError(f"recipe {cfg.recipe!r} names task {cfg.task!r}; known tasks: {sorted(runners)}")
-    return runners[cfg.task](cfg)
+        return run_generate(narrow(cfg.generate, GenerateConfig), dry_run=cfg.dry_run)
+    if cfg.task == "evaluate":
+        from magi_train.eval.runner import run_evaluate
+
+        gen, ev = narrow(cfg.generate, GenerateConfig), narrow(cfg.eval, EvalConfig)
+        return run_evaluate(ev, gen, cfg.run_dir, dry_run=cfg.dry_run)
+
+    from magi_train.eval.callback import eval_callbacks
+    from magi_train.training.run import RunContext, TrainerNodes, run_distill, run_pretrain
+
+    ctx = RunContext(
+        run_dir=Path(cfg.run_dir), seed=cfg.seed, resolved=OmegaConf.to_container(cfg, resolve=True),
+        dry_run=cfg.dry_run, resume=cfg.resume, ckpt_path=cfg.ckpt_path,
+    )  # fmt: skip
+    nodes = TrainerNodes(
+        narrow(cfg.trainer, TrainerConfig),
+        narrow(cfg.strategy, StrategyConfig),
+        narrow(cfg.logger, LoggerConfig),
+    )
+    model = narrow(cfg.model, DiTConfig)
+    data = None if cfg.dry_run else narrow(cfg.data, DataConfig)  # a dry run reads no data (it may be unset)
+    callbacks = []
+    if cfg.eval.every_n_steps > 0 and not cfg.dry_run:
+        if cfg.task == "pretrain_sr":
+            raise ValueError(
+                "eval.every_n_steps samples a base model; the SR model needs a base model's output to upsample: "
+                "evaluate SR checkpoints with recipe=evaluate (generate.sr_ckpt) instead"
+            )
+        callbacks = eval_callbacks(
+            narrow(cfg.eval, EvalConfig), narrow(cfg.generate, GenerateConfig), cfg.run_dir
+        )
+    if cfg.task == "dmd2":
+        distill = narrow(cfg.distill, DistillConfig)
+        if not cfg.dry_run:
+            ensure_teacher(distill.teacher)
+        return run_distill(ctx, nodes, model, data, distill, callbacks=callbacks)
+    sr = narrow(cfg.sr, SRConfig) if cfg.task == "pretrain_sr" else None
+    return run_pretrain(
+        ctx, nodes, model, data, narrow(cfg.flow, FlowConfig), narrow(cfg.optim, OptimConfig),
+        narrow(cfg.ema, EMAConfig), sr=sr, init_from=cfg.init_from, callbacks=callbacks,
+    )  # fmt: skip
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from magi_train.training.progress import route_lightning_logging
+
+    route_lightning_logging()  # after Hydra set up its log handlers: one line per record
     run(cfg)
 
 

@@ -7,13 +7,15 @@ misspelt key on the command line is an error instead of being dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from magi_train.flow.sampling import Guidance
 from magi_train.models.dit import MODEL_CONFIGS, DiTConfig
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -75,6 +77,8 @@ class SRConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW with linear warm-up, then a constant or cosine schedule (tasks/optim.py); clipping by global norm."""
+
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -83,8 +87,15 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine (after warm-up)
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    ema_decay: float = 0.9999  # 0 disables EMA
-    ema_on_cpu: bool = False  # keep the EMA copy on CPU (big models)
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the trained weights (pretraining: the DiT; DMD-2: the student)."""
+
+    decay: float = 0.9999  # 0 disables
+    start_step: int = 0  # optimizer steps before the average starts (DMD-2: a copy until then, Self-Forcing)
+    on_cpu: bool = False  # keep the EMA copy on CPU (big models)
 
 
 @dataclass
@@ -149,20 +160,20 @@ class GenerateConfig:
     sr_height: int | None = None
     seed: int = 42  # the release's per-request default
     base_ckpt: str | None = None  # our .ckpt or a released-format directory
-    distilled_ckpt: str | None = None  # instead of base_ckpt: 8-step distilled sampler, no CFG
+    distilled_ckpt: str | None = None  # instead of base_ckpt: the few-step distilled sampler, no CFG
     sr_ckpt: str | None = None
     base_model: str = "magihuman_15b"  # model config of a released-format base/distilled directory
     sr_model: str = "magihuman_15b"
     use_ema: bool = True  # EMA weights of our checkpoints when present
-    steps: int = 32  # released steps base / distilled / SR: 32 / 8 / 5 (spec §1)
-    distilled_steps: int = 8
+    steps: int = 32  # UniPC steps of the base sampler; released base / SR: 32 / 5 (spec §1)
     sr_steps: int = 5
-    shift: float = 5.0  # released scheduler shift (spec §4.4)
+    shift: float = 5.0  # of the base and SR UniPC schedules (released, spec §4.4)
+    # distilled sampler: None = the values the checkpoint was distilled with (its distill.num_student_steps /
+    # distill.shift), else the released 8 steps / shift 5 (released-format directories carry no config)
+    distilled_steps: int | None = None
+    distilled_shift: float | None = None
     cfg: bool = True  # classifier-free guidance of the base sampler
-    video_guidance: float = 5.0  # while t > guidance_switch_t; released 5.0 / 2.0 / 500 / 5.0 (spec §4.5)
-    video_guidance_late: float = 2.0
-    guidance_switch_t: float = 500.0
-    audio_guidance: float = 5.0
+    guidance: Guidance = field(default_factory=Guidance)  # its scales (released; spec §4.5)
     sr_alpha: float = 0.8389  # released SR re-noise a and audio noise scale (spec §5)
     sr_audio_noise_scale: float = 0.7
     codecs_dir: str | None = None  # a folder with video_vae/ audio_vae/ text_encoder/
@@ -176,27 +187,39 @@ class GenerateConfig:
     progress: bool = True
 
 
+def _role_optim() -> OptimConfig:
+    # constant LR 2e-6 of the video DMD recipes (CausVid, Self-Forcing; spec/dmd2.md §1); beta1 = 0 (Self-Forcing,
+    # FastVideo); grad norm 10 per role (DMD2, CausVid, Self-Forcing)
+    return OptimConfig(lr=2e-6, betas=[0.0, 0.999], warmup_steps=0, schedule="constant", grad_clip=10.0)
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher of DMD-2 (real score, CFG inside)."""
+
+    checkpoint: str | None = (
+        None  # any DiT weight source (models/weights.py): our .ckpt or a released directory
+    )
+    dtype: str = "bf16"  # fp32 | bf16 (block linears stored in bf16 as released, run under autocast)
+    # when `checkpoint` does not exist: train it first with these overrides of `python -m magi_train` (the smoke
+    # experiment's teacher); empty = an error naming the missing checkpoint
+    train_overrides: list[str] = field(default_factory=list)
+
+
 @dataclass
 class RoleConfig:
-    """One network of DMD-2 distillation (teacher, critic or student): weights, optimiser, memory options."""
+    """A trained network of DMD-2 (critic or student): initial weights, optimiser, memory options."""
 
-    checkpoint: str | None = None  # our Lightning .ckpt or a released-format dir; None = copy of the teacher
-    trainable: bool = True
-    lr: float = 2e-6  # constant LR of the video DMD recipes (CausVid, Self-Forcing; spec/dmd2.md §1)
-    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # beta1 = 0: Self-Forcing, FastVideo
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    grad_clip: float = 10.0  # max grad norm of this role (DMD2, CausVid, Self-Forcing); 0 disables
+    checkpoint: str | None = None  # any DiT weight source; None = a copy of the teacher
+    optim: OptimConfig = field(default_factory=_role_optim)
     activation_checkpointing: bool = False
-    dtype: str = "fp32"  # fp32 | bf16 (frozen teacher only: block linears in bf16, run under autocast)
 
 
 @dataclass
 class DistillConfig:
     """DMD-2 distillation into a few-step CFG-free student (recipe dmd2_distill, docs/dmd2.md)."""
 
-    teacher: RoleConfig = field(default_factory=lambda: RoleConfig(trainable=False, lr=0.0, dtype="bf16"))
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     critic: RoleConfig = field(default_factory=RoleConfig)
     student: RoleConfig = field(default_factory=RoleConfig)
     generator_every: int = 5  # TTUR: critic every iteration, student every N (DMD2, Self-Forcing)
@@ -215,9 +238,8 @@ class DistillConfig:
     gan_generator_weight: float = 5e-3  # DMD2 SDXL
     gan_critic_weight: float = 1e-2  # DMD2
     gan_layer: int | None = None  # critic layer whose output feeds the head; None = the middle layer
-    ema_decay: float = 0.99  # EMA of the student (Self-Forcing 0.99); 0 disables
-    ema_start_step: int = 200  # iterations before the EMA starts averaging (copy until then; Self-Forcing)
-    ema_on_cpu: bool = False
+    # EMA of the student (Self-Forcing: 0.99, copied until step 200)
+    ema: EMAConfig = field(default_factory=lambda: EMAConfig(decay=0.99, start_step=200))
     save_teacher: bool = True  # False: checkpoints omit the frozen teacher, re-loaded from its path on resume
     sample_clips: int = 2  # validation clips whose latents and x0 panels are saved per validation
     sample_sigma: float = 0.5  # noise level at which teacher and critic x0 of the samples are shown
@@ -242,11 +264,15 @@ class EvalSuiteConfig:
 class EvalASRConfig:
     """Speech transcription for WER/CER (magi_train/eval/asr.py)."""
 
-    backend: str = "pocketsphinx"  # pocketsphinx (built-in English model) | whisper | transformers | glm_asr | none
+    backend: str = (
+        "pocketsphinx"  # pocketsphinx (built-in English model) | whisper | transformers | glm_asr | none
+    )
     path: str | None = None  # local model directory (whisper / glm_asr); nothing is downloaded
     device: str = "auto"
     dtype: str = "auto"
-    normalizer: str = "basic"  # basic (NFKC, lower case, no punctuation) | whisper (Whisper's English normaliser)
+    normalizer: str = (
+        "basic"  # basic (NFKC, lower case, no punctuation) | whisper (Whisper's English normaliser)
+    )
 
 
 @dataclass
@@ -277,8 +303,10 @@ class EvalConfig:
     checkpoint: str | None = None
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     clips_dir: str | None = None
-    generate_overrides: dict[str, Any] = field(default_factory=dict)  # generate.* values for eval's clips only
-    reuse: bool = True  # keep clips already in <output_dir>/clips/<model>/ instead of sampling them again
+    generate_overrides: dict[str, Any] = field(
+        default_factory=dict
+    )  # generate.* values for eval's clips only
+    reuse: bool = True  # keep clips already in <run_dir>/clips/<model>/ instead of sampling them again
     asr: EvalASRConfig = field(default_factory=EvalASRConfig)
     scorer: EvalScorerConfig = field(default_factory=EvalScorerConfig)
     bootstrap_resamples: int = 2000
@@ -289,7 +317,6 @@ class EvalConfig:
     pair_sheet: bool = False  # with >= 2 models: write the blind side-by-side HTML sheet for raters
     sync_weights: str | None = None  # SyncNet weights (syncnet_v2.model or .safetensors): adds LSE-D / LSE-C
     sync_vshift: int = 15  # offsets searched, in frames (+-)
-    output_dir: str = "${run_dir}"
     # training-time evaluation (magi_train/eval/callback.py EvalCallback): every N optimizer steps sample the
     # suite's first `callback_prompts` prompts with the model being trained, log the scores and
     # `callback_videos` clips (with sound) to the loggers; 0 disables
@@ -303,7 +330,7 @@ class Config:
     """The root config. Recipes pick the groups; every value is overridable on the command line."""
 
     recipe: str = MISSING
-    task: str = MISSING  # which runner in magi_train.recipes executes the recipe
+    task: str = MISSING  # pretrain | pretrain_sr | dmd2 | generate | evaluate (magi_train/__main__.py)
     seed: int = 0
     dry_run: bool = False  # build everything (big models on the meta device), print, exit
     resume: bool = False  # continue from <run_dir>/checkpoints/last.ckpt
@@ -315,12 +342,21 @@ class Config:
     flow: FlowConfig = field(default_factory=FlowConfig)
     sr: SRConfig = field(default_factory=SRConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def narrow(node: Any, cls: type[T]) -> T:
+    """The one way to turn a config node into its typed dataclass (interpolations resolved against the root)."""
+    obj = OmegaConf.to_object(node)
+    if not isinstance(obj, cls):
+        raise TypeError(f"config node {node._key()!r} is {type(obj).__name__}, expected {cls.__name__}")
+    return obj
 
 
 def register_configs() -> None:

@@ -1,7 +1,6 @@
 """Shared test set-up: offline hubs, quiet W&B, and a helper that composes configs like the CLI does."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,19 +9,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-
 
 def compose_config(overrides: list[str]):
     """The root config as `python -m magi_train <overrides>` would build it (for fixtures of any scope)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from magi_train.__main__ import compose
 
-    from magi_train.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return compose(overrides)
 
 
 @pytest.fixture(scope="session")
@@ -56,15 +48,15 @@ SMOKE_TRAIN = [
 def smoke(tmp_path_factory):
     """Tiny random codecs and two short training runs, a base and an SR checkpoint of ours (.ckpt with EMA),
     shared by the generate and evaluate tests: {"root", "codecs", "base", "sr"}."""
+    from magi_train.__main__ import run
     from magi_train.codecs.tiny import write_tiny_codecs
-    from magi_train.training.trainer import run_pretrain
 
     root = tmp_path_factory.mktemp("smoke")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as one_thread: tiny models
     try:
         for recipe, name in (("pretrain_base", "train"), ("pretrain_sr", "train_sr")):
-            run_pretrain(compose_config([f"recipe={recipe}", f"run_dir={root / name}", *SMOKE_TRAIN]))
+            run(compose_config([f"recipe={recipe}", f"run_dir={root / name}", *SMOKE_TRAIN]))
         write_tiny_codecs(root / "codecs")
     finally:
         torch.set_num_threads(threads)

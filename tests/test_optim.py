@@ -4,7 +4,7 @@ import torch
 
 from magi_train.config import OptimConfig
 from magi_train.models.dit import MODEL_CONFIGS, DiT
-from magi_train.tasks.pretrain import build_optimizer
+from magi_train.tasks.optim import build_optimizer
 
 
 def test_weight_decay_groups_by_name():

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from magi_train.utils.fileio import atomic_file
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderOobleck
@@ -226,11 +226,8 @@ def write_audio_video_mp4(
             raise ValueError(f"wave must be float [2, S] (stereo, channels first), got {audio.shape}")
         audio = np.ascontiguousarray(np.clip(audio, -1.0, 1.0))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with av.open(tmp_name, mode="w", format="mp4") as container:
+    def mux(tmp: str) -> None:
+        with av.open(tmp, mode="w", format="mp4") as container:
             vstream = container.add_stream("libx264", rate=Fraction(fps))
             vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
             vstream.options = {"crf": str(crf)}
@@ -250,11 +247,8 @@ def write_audio_video_mp4(
                 sent = _mux_audio(container, astream, audio, sent, audio.shape[1], sample_rate)
                 container.mux(astream.encode(None))
             container.mux(vstream.encode(None))
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-        raise
+
+    atomic_file(path, mux)
     return path
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ import torch
 from magi_train.codecs.audio_vae import AUDIO_LATENT_CHANNELS, EFFECTIVE_SAMPLE_RATE, HOP
 from magi_train.codecs.text_encoder import TEXT_HIDDEN_SIZE
 from magi_train.codecs.video_vae import VIDEO_LATENT_CHANNELS
+from magi_train.utils.fileio import atomic_dir
 
 # Wan2.2 layout at toy width: patch 2 + three 2x downsamplings = 16x spatial, two temporal = 4x.
 TINY_WAN = dict(
@@ -62,18 +62,15 @@ def write_tiny_tokenizer(path: Path) -> None:
 
 
 def _save_atomic(path: Path, write) -> None:
-    """Write a model directory under a temporary name, then rename it into place."""
+    """Write a model directory under a temporary name, then rename it into place (skipped once complete)."""
     if (path / ".complete").is_file():
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    write(tmp)
-    (tmp / ".complete").touch()
-    if path.exists():
-        import shutil
 
-        shutil.rmtree(path)
-    tmp.rename(path)
+    def complete(tmp: Path) -> None:
+        write(tmp)
+        (tmp / ".complete").touch()
+
+    atomic_dir(path, complete, overwrite=True)  # a directory without `.complete` is replaced
 
 
 def write_tiny_codecs(root: str | Path, seed: int = 0) -> dict[str, Path]:
@@ -88,7 +85,9 @@ def write_tiny_codecs(root: str | Path, seed: int = 0) -> dict[str, Path]:
     paths = {name: root / name for name in ("video_vae", "audio_vae", "text_encoder")}
     torch.manual_seed(seed)
     _save_atomic(paths["video_vae"], lambda p: diffusers.AutoencoderKLWan(**TINY_WAN).save_pretrained(p))
-    _save_atomic(paths["audio_vae"], lambda p: diffusers.AutoencoderOobleck(**TINY_OOBLECK).save_pretrained(p))
+    _save_atomic(
+        paths["audio_vae"], lambda p: diffusers.AutoencoderOobleck(**TINY_OOBLECK).save_pretrained(p)
+    )
 
     def text(p: Path) -> None:
         config = transformers.T5GemmaConfig(

@@ -23,7 +23,6 @@ import math
 import multiprocessing as mp
 import os
 import re
-import shutil
 import sys
 import time
 import zlib
@@ -52,8 +51,8 @@ from magi_train.codecs.video_vae import (
     pixel_frames,
 )
 from magi_train.data.schema import Clip, count_tokens
-from magi_train.data.writer import write_shards
-from magi_train.utils.fileio import atomic_write, fsync_path
+from magi_train.data.writer import write_shard
+from magi_train.utils.fileio import atomic_write, remove_temps
 
 log = logging.getLogger(__name__)
 
@@ -557,9 +556,8 @@ def process_unit(
     """Encode one unit's videos into one shard (atomic), then write its done marker; returns the marker."""
     start = time.monotonic()
     out = Path(s.out)
-    staging = out / ".staging" / f"{s.prefix}-{unit:06d}"
-    shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted attempt
-    staging.mkdir(parents=True)
+    final = out / _shard_name(s.prefix, unit)
+    remove_temps(final)  # leftovers of an interrupted attempt (this task alone owns the unit)
     skipped: list[dict[str, str]] = []
     dropped: Counter = Counter()
     buckets: Counter = Counter()
@@ -579,15 +577,9 @@ def process_unit(
             if on_video is not None:
                 on_video()
 
-    written = write_shards(
-        staging, clips(), samples_per_shard=sys.maxsize, prefix=s.prefix, video_dtype=np.dtype(s.video_dtype)
-    )
-    final = out / _shard_name(s.prefix, unit)
-    if written:
-        os.replace(written[0], final)
-    else:  # no clip: no shard (and none left over from an earlier run with other inputs)
+    written = write_shard(final, clips(), video_dtype=np.dtype(s.video_dtype))
+    if not written:  # no clip: no shard (and none left over from an earlier run with other inputs)
         final.unlink(missing_ok=True)
-    fsync_path(out)
     marker = {
         "unit": unit,
         "shard": final.name if written else None,
@@ -601,7 +593,6 @@ def process_unit(
         "elapsed_s": round(time.monotonic() - start, 3),
     }
     atomic_write(_marker_path(out, s.prefix, unit), json.dumps(marker, indent=1, sort_keys=True))
-    shutil.rmtree(staging, ignore_errors=True)
     return marker
 
 
@@ -757,9 +748,6 @@ def run_prepare(s: Settings, progress: bool = True) -> dict[str, Any]:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
             pool.shutdown()
-    with contextlib.suppress(OSError):  # only when empty: other array tasks may be staging right now
-        (out / ".staging").rmdir()
-
     report = _summarise([markers[u] for u in mine], s, len(todo), time.monotonic() - start, out)
     report["settings"] = {k: v for k, v in asdict(s).items() if k != "extensions"}
     atomic_write(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import numpy as np
 import webdataset as wds
 
 from magi_train.data.schema import check_clip_arrays, encode_npy
-from magi_train.utils.fileio import fsync_path
+from magi_train.utils.fileio import atomic_stream
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,40 @@ def clip_to_sample(clip: Any, video_dtype: Any = np.float16, text_dim: int | Non
     return sample
 
 
+def _checked_samples(
+    samples: Iterable[Any], video_dtype: Any, text_dim: int | None
+) -> Iterator[dict[str, Any]]:
+    seen_keys: set[str] = set()
+    for item in samples:
+        sample = clip_to_sample(item, video_dtype, text_dim)
+        if sample["__key__"] in seen_keys:  # duplicate keys would merge or shadow each other when read
+            raise ValueError(f"sample key {sample['__key__']!r} written twice")
+        seen_keys.add(sample["__key__"])
+        yield sample
+
+
+def _write_tar(path: Path, first: dict[str, Any], rest: Iterable[dict[str, Any]]) -> int:
+    """Stream samples into one tar at `path` (atomic: nothing appears there unless all were written)."""
+    count = 0
+    with atomic_stream(path) as stream:
+        sink = wds.TarWriter(stream, encoder=False, mtime=0.0)  # mtime: reproducible bytes
+        for sample in itertools.chain([first], rest):
+            sink.write(sample)
+            count += 1
+        sink.close()  # writes the tar end and closes the tar only; atomic_stream syncs and renames the file
+    return count
+
+
+def write_shard(
+    path: str | Path, samples: Iterable[Any], video_dtype: Any = np.float16, text_dim: int | None = None
+) -> int:
+    """Write all `samples` (Clip-like, see clip_to_sample) as one shard at `path`, atomically; returns how
+    many. With no samples nothing is written and `path` is left as it was."""
+    checked = _checked_samples(samples, video_dtype, text_dim)
+    first = next(checked, None)
+    return 0 if first is None else _write_tar(Path(path), first, checked)
+
+
 def write_shards(
     out_dir: str | Path,
     samples: Iterable[Any],
@@ -97,44 +131,11 @@ def write_shards(
         )
 
     paths: list[str] = []
-    seen_keys: set[str] = set()
-    stream, sink, tmp, count = None, None, None, 0
-
-    def finish() -> None:
-        sink.close()  # closes the tar stream only; the file object stays ours to sync
-        stream.flush()
-        os.fsync(stream.fileno())
-        stream.close()
+    checked = _checked_samples(samples, video_dtype, text_dim)
+    for first in checked:  # one shard per pass; islice takes the rest of it from the same iterator
         final = out / f"{prefix}-{len(paths):06d}.tar"
-        os.replace(tmp, final)
+        _write_tar(final, first, itertools.islice(checked, samples_per_shard - 1))
         paths.append(str(final))
-
-    try:
-        for item in samples:
-            sample = clip_to_sample(item, video_dtype, text_dim)
-            if sample["__key__"] in seen_keys:  # duplicate keys would merge or shadow each other when read
-                raise ValueError(f"sample key {sample['__key__']!r} written twice")
-            seen_keys.add(sample["__key__"])
-            if sink is None:
-                tmp = out / f".{prefix}-{len(paths):06d}.tar.tmp{os.getpid()}"
-                stream = open(tmp, "wb")  # closed in finish(), or below on failure
-                sink, count = wds.TarWriter(stream, encoder=False, mtime=0.0), 0  # mtime: reproducible bytes
-            sink.write(sample)
-            count += 1
-            if count == samples_per_shard:
-                finish()
-                sink = None
-        if sink is not None:
-            finish()
-            sink = None
-    finally:
-        if sink is not None:  # failed mid-shard: drop the partial file, keep the finished shards
-            try:
-                sink.close()
-            finally:
-                stream.close()
-                tmp.unlink(missing_ok=True)
-    fsync_path(out)
     if overwrite:
         for stale in existing:
             if str(stale) not in paths:

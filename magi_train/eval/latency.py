@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from magi_train.config import EvalConfig, GenerateConfig
 from magi_train.utils.fileio import atomic_write
 
 STAGES = ("text", "base", "sr", "decode")
@@ -24,7 +25,7 @@ LATENCY_PROMPT = (
 )
 
 
-def _row_cfg(gcfg: Any, row: dict[str, Any], seconds: float, output: str) -> Any:
+def _row_cfg(gcfg: GenerateConfig, row: dict[str, Any], seconds: float, output: str) -> GenerateConfig:
     unknown = set(row) - {"name", "width", "height", "sr_width", "sr_height"}
     if unknown or "name" not in row:
         raise ValueError(f"latency row {row}: needs name, width, height (optional sr_width, sr_height); "
@@ -58,9 +59,11 @@ def latency_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_latency(ecfg: Any, gcfg: Any, out_dir: Path, dry_run: bool = False) -> dict[str, Any]:
+def run_latency(
+    ecfg: EvalConfig, gcfg: GenerateConfig, out_dir: Path, dry_run: bool = False
+) -> dict[str, Any]:
     """Time every configured resolution; write latency.json and latency.md into `out_dir`."""
-    from magi_train.inference.generate import generate, load_pipeline
+    from magi_train.inference.generate import base_sampler, generate, load_pipeline
 
     suite = ecfg.suite
     if not suite.resolutions:
@@ -79,7 +82,7 @@ def run_latency(ecfg: Any, gcfg: Any, out_dir: Path, dry_run: bool = False) -> d
     result: dict[str, Any] = {
         "seconds": seconds, "repeats": suite.repeats, "warmup": suite.warmup, "device": str(full.device),
         "precision": "bf16" if full.autocast_dtype is not None else "fp32",
-        "sampler": f"distilled-{gcfg.distilled_steps}" if full.distilled else f"unipc-{gcfg.steps}" + ("+cfg" if gcfg.cfg else ""),
+        "sampler": base_sampler(gcfg, full).name,
         "rows": [],
     }  # fmt: skip
     print(f"latency: device {result['device']}, precision {result['precision']}, {seconds} s clips")

@@ -4,14 +4,13 @@ the paper's columns: Visual Quality, Text Alignment, Physical Consistency, WER) 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from magi_train.eval.speech import SpeechScore, aggregate
 from magi_train.eval.stats import Estimate, mean_ci
 from magi_train.eval.videoscore import DIMENSIONS, PAPER_COLUMNS
-from magi_train.utils.fileio import atomic_write
+from magi_train.utils.fileio import atomic_file, atomic_write
 
 COLUMNS = {**PAPER_COLUMNS, "wer": "WER"}
 SYNC_COLUMNS = {"lse_d": "LSE-D", "lse_c": "LSE-C"}  # only when eval.sync_weights is set
@@ -143,12 +142,11 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path | None:
         f"suite {report['suite']['name']}: mean and {round(report['confidence'] * 100)}% bootstrap interval"
     )
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        fmt = Path(path).suffix.lstrip(".") or "png"  # the temporary file's suffix is not the image format
+        return atomic_file(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def load_compare(paths: list[str]) -> list[dict[str, Any]]:

@@ -2,7 +2,9 @@
 score them (VideoScore2-style dimensions, WER/CER of the speech) and write report.json / report.md / report.png.
 
 Eval has no sampling loop of its own: every clip comes from `generate()` with the `generate.*` settings,
-one loaded pipeline per model. `suite=latency` times the stages instead (magi_train/eval/latency.py).
+one loaded pipeline per model. `suite=latency` times the stages instead (magi_train/eval/latency.py). The set-up
+shared with the training-time callback (magi_train/eval/callback.py) lives here: `generate_config`,
+`load_scorers`, `bootstrap_settings` and `prompt_config`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from magi_train.config import EvalConfig, GenerateConfig
 from magi_train.eval.asr import ASRBackend, load_asr
 from magi_train.eval.media import read_audio
 from magi_train.eval.report import load_compare, summarize_model, write_report
@@ -22,10 +25,14 @@ from magi_train.eval.speech import SpeechScore, prompt_reference, score_transcri
 from magi_train.eval.suite import SuitePrompt, load_suite
 from magi_train.eval.videoscore import DIMENSIONS, VideoScorer, load_scorer
 
+if TYPE_CHECKING:
+    from magi_train.eval.sync import SyncScorer
+
 log = logging.getLogger(__name__)
 
+# generate keys that may differ between the models of one run (eval.models.<name>.<key>)
 _GENERATE_MODEL_KEYS = ("base_ckpt", "distilled_ckpt", "sr_ckpt", "sr_width", "sr_height", "base_model", "sr_model",
-                        "steps", "distilled_steps", "sr_steps", "use_ema", "cfg")  # fmt: skip
+                        "steps", "distilled_steps", "distilled_shift", "sr_steps", "use_ema", "cfg", "guidance")  # fmt: skip
 
 
 @dataclass
@@ -37,10 +44,65 @@ class ModelSpec:
     generate: dict[str, Any] = field(default_factory=dict)
 
 
-def torch_cuda() -> bool:
-    import torch
+# ---------------------------------------------------------------------------------------------------------
+# Set-up shared with the training-time callback
+# ---------------------------------------------------------------------------------------------------------
 
-    return torch.cuda.is_available()
+
+def replace_config(obj: Any, values: dict[str, Any], where: str) -> Any:
+    """`dataclasses.replace` that names unknown keys and merges a dict into a nested dataclass (e.g. guidance)."""
+    names = {f.name for f in dataclasses.fields(obj)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
+    changes = {}
+    for key, value in values.items():
+        current = getattr(obj, key)
+        nested = dataclasses.is_dataclass(current) and isinstance(value, dict)
+        changes[key] = replace_config(current, value, f"{where}.{key}") if nested else value
+    return dataclasses.replace(obj, **changes)
+
+
+def generate_config(eval_cfg: EvalConfig, gen_cfg: GenerateConfig) -> GenerateConfig:
+    """The generate settings of eval's clips: `generate.*` with `eval.generate_overrides` applied."""
+    return replace_config(gen_cfg, dict(eval_cfg.generate_overrides), "eval.generate_overrides")
+
+
+def load_scorers(eval_cfg: EvalConfig) -> tuple[VideoScorer | None, ASRBackend | None]:
+    """The video scorer and the ASR backend of `eval.scorer` / `eval.asr` (None for backend `none`)."""
+    sc = eval_cfg.scorer
+    scorer = load_scorer(
+        sc.backend, sc.path, device=sc.device, dtype=sc.dtype, fps=sc.fps, max_new_tokens=sc.max_new_tokens,
+        max_frames=sc.max_frames, min_pixels=sc.min_pixels, max_pixels=sc.max_pixels,
+    )  # fmt: skip
+    asr = load_asr(eval_cfg.asr.backend, eval_cfg.asr.path, eval_cfg.asr.device, eval_cfg.asr.dtype)
+    return scorer, asr
+
+
+def bootstrap_settings(eval_cfg: EvalConfig) -> dict[str, Any]:
+    """Keyword arguments of the bootstrap intervals (eval/stats.py) of every reported mean."""
+    return {
+        "n_resamples": eval_cfg.bootstrap_resamples,
+        "confidence": eval_cfg.confidence,
+        "seed": eval_cfg.seed,
+    }
+
+
+def prompt_config(
+    gen_cfg: GenerateConfig, prompt: SuitePrompt, suite_seconds: float | None, output: str | Path
+) -> GenerateConfig:
+    """The generate settings of one suite prompt: its text, image and audio; its length (else the suite's, else
+    `generate.seconds`) and seed (else `generate.seed`); the clip written to `output`."""
+    return dataclasses.replace(
+        gen_cfg, prompt=prompt.prompt, text_features=None, image=prompt.image, audio=prompt.audio,
+        seconds=prompt.seconds or suite_seconds or gen_cfg.seconds,
+        seed=prompt.seed if prompt.seed is not None else gen_cfg.seed, output=str(output),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models, clips and scores
+# ---------------------------------------------------------------------------------------------------------
 
 
 def _name_from_path(path: str) -> str:
@@ -50,11 +112,11 @@ def _name_from_path(path: str) -> str:
     return p.stem if p.suffix else p.name
 
 
-def resolve_models(ecfg: Any, gcfg: Any) -> list[ModelSpec]:
+def resolve_models(eval_cfg: EvalConfig, gen_cfg: GenerateConfig) -> list[ModelSpec]:
     """The systems an evaluate run compares (see EvalConfig)."""
-    if ecfg.models:
+    if eval_cfg.models:
         specs = []
-        for name, spec in ecfg.models.items():
+        for name, spec in eval_cfg.models.items():
             spec = dict(spec)
             clips_dir = spec.pop("clips_dir", None)
             unknown = set(spec) - set(_GENERATE_MODEL_KEYS)
@@ -67,17 +129,17 @@ def resolve_models(ecfg: Any, gcfg: Any) -> list[ModelSpec]:
                 raise ValueError(f"eval.models.{name}: give clips_dir, base_ckpt or distilled_ckpt")
             specs.append(ModelSpec(str(name), clips_dir, spec))
         return specs
-    if ecfg.checkpoint:
+    if eval_cfg.checkpoint:
         return [
             ModelSpec(
-                _name_from_path(ecfg.checkpoint),
-                generate={"base_ckpt": ecfg.checkpoint, "distilled_ckpt": None},
+                _name_from_path(eval_cfg.checkpoint),
+                generate={"base_ckpt": eval_cfg.checkpoint, "distilled_ckpt": None},
             )
         ]
-    if ecfg.clips_dir:
-        return [ModelSpec(Path(ecfg.clips_dir).name or "clips", clips_dir=ecfg.clips_dir)]
-    if gcfg.base_ckpt or gcfg.distilled_ckpt:
-        return [ModelSpec(_name_from_path(gcfg.distilled_ckpt or gcfg.base_ckpt))]
+    if eval_cfg.clips_dir:
+        return [ModelSpec(Path(eval_cfg.clips_dir).name or "clips", clips_dir=eval_cfg.clips_dir)]
+    if gen_cfg.base_ckpt or gen_cfg.distilled_ckpt:
+        return [ModelSpec(_name_from_path(gen_cfg.distilled_ckpt or gen_cfg.base_ckpt))]
     raise ValueError(
         "nothing to evaluate: set eval.checkpoint=<.ckpt or released dir>, eval.clips_dir=<folder of "
         "<prompt id>.mp4>, eval.models={name: {...}} or generate.base_ckpt / generate.distilled_ckpt"
@@ -91,7 +153,12 @@ def _check_clips_dir(spec: ModelSpec) -> None:
 
 
 def produce_clips(
-    spec: ModelSpec, prompts: list[SuitePrompt], gcfg: Any, out_dir: Path, seconds: float | None, reuse: bool
+    spec: ModelSpec,
+    prompts: list[SuitePrompt],
+    gen_cfg: GenerateConfig,
+    out_dir: Path,
+    suite_seconds: float | None,
+    reuse: bool,
 ) -> dict[str, dict[str, Any]]:
     """Clip path (or None) and generation info per prompt id for one system."""
     clips: dict[str, dict[str, Any]] = {}
@@ -108,24 +175,21 @@ def produce_clips(
 
     from magi_train.inference.generate import generate, load_pipeline
 
-    model_cfg = dataclasses.replace(gcfg, **spec.generate)  # gcfg already carries eval.generate_overrides
+    model_cfg = replace_config(gen_cfg, spec.generate, f"eval.models.{spec.name}")
     clip_dir = out_dir / "clips" / spec.name
     todo = [p for p in prompts if not (reuse and (clip_dir / f"{p.id}.mp4").is_file())]
     pipe = load_pipeline(model_cfg) if todo else None
     for p in prompts:
         path = clip_dir / f"{p.id}.mp4"
         if p in todo:
-            cfg = dataclasses.replace(
-                model_cfg, prompt=p.prompt, text_features=None, image=p.image, audio=p.audio,
-                seconds=p.seconds or seconds or model_cfg.seconds,
-                seed=p.seed if p.seed is not None else model_cfg.seed, output=str(path),
-            )  # fmt: skip
-            result = generate(cfg, pipe)
-            clips[p.id] = {"path": str(path), "generated": True, "timings_s": result.info["timings_s"]}
+            result = generate(prompt_config(model_cfg, p, suite_seconds, path), pipe)
+            info = {"sampler": result.info["sampler"], "timings_s": result.info["timings_s"]}
+            clips[p.id] = {"path": str(path), "generated": True, **info}
         else:
-            info = path.with_suffix(".json")
-            timings = json.loads(info.read_text())["timings_s"] if info.is_file() else None
-            clips[p.id] = {"path": str(path), "generated": False, "timings_s": timings}
+            meta = path.with_suffix(".json")
+            info = json.loads(meta.read_text()) if meta.is_file() else {}
+            clips[p.id] = {"path": str(path), "generated": False, "sampler": info.get("sampler"),
+                           "timings_s": info.get("timings_s")}  # fmt: skip
     return clips
 
 
@@ -135,7 +199,7 @@ def score_clip(
     scorer: VideoScorer | None,
     asr: ASRBackend | None,
     normalizer: str,
-    sync: Any | None = None,
+    sync: SyncScorer | None = None,
 ) -> tuple[dict[str, Any], SpeechScore | None]:
     """Scores, transcript and speech edits (and lip sync with a SyncScorer) of one clip."""
     record: dict[str, Any] = {"id": prompt.id, "path": path}
@@ -161,37 +225,40 @@ def score_clip(
     return record, speech
 
 
-def evaluate_models(ecfg: Any, gcfg: Any, out_dir: Path) -> dict[str, Any]:
+def _sync_scorer(eval_cfg: EvalConfig) -> SyncScorer | None:
+    """SyncNet lip sync (LSE-D / LSE-C) when `eval.sync_weights` is set."""
+    if not eval_cfg.sync_weights:
+        return None
+    import torch
+
+    from magi_train.eval.sync import SyncScorer
+
+    device = "cuda" if eval_cfg.scorer.device == "auto" and torch.cuda.is_available() else "cpu"
+    return SyncScorer.from_pretrained(eval_cfg.sync_weights, device=device, vshift=eval_cfg.sync_vshift)
+
+
+def evaluate_models(eval_cfg: EvalConfig, gen_cfg: GenerateConfig, out_dir: Path) -> dict[str, Any]:
     """Generate/reuse, score and summarise every model of the run; returns the report dict (not yet written)."""
-    suite_cfg = ecfg.suite
+    suite_cfg = eval_cfg.suite
     if not suite_cfg.prompts:
         raise ValueError(f"suite {suite_cfg.name!r} names no prompts file (eval.suite.prompts)")
     prompts = load_suite(suite_cfg.prompts, suite_cfg.limit)
-    specs = resolve_models(ecfg, gcfg)
-    scorer_kwargs = {k: getattr(ecfg.scorer, k) for k in ("device", "dtype", "fps", "max_new_tokens", "max_frames",
-                                                          "min_pixels", "max_pixels")}  # fmt: skip
-    if ecfg.scorer.backend == "proxy":
-        scorer_kwargs = {"fps": ecfg.scorer.fps}
-    scorer = load_scorer(ecfg.scorer.backend, ecfg.scorer.path, **scorer_kwargs)
-    asr = load_asr(ecfg.asr.backend, ecfg.asr.path, ecfg.asr.device, ecfg.asr.dtype)
-    sync = None
-    if ecfg.sync_weights:
-        from magi_train.eval.sync import SyncScorer
-
-        device = "cuda" if ecfg.scorer.device == "auto" and torch_cuda() else "cpu"
-        sync = SyncScorer.from_pretrained(ecfg.sync_weights, device=device, vshift=ecfg.sync_vshift)
-    bootstrap = {"n_resamples": ecfg.bootstrap_resamples, "confidence": ecfg.confidence, "seed": ecfg.seed}
+    specs = resolve_models(eval_cfg, gen_cfg)
+    scorer, asr = load_scorers(eval_cfg)
+    sync = _sync_scorer(eval_cfg)
+    bootstrap = bootstrap_settings(eval_cfg)
     models, clip_paths = [], {}
     for spec in specs:
         start = time.perf_counter()
-        clips = produce_clips(spec, prompts, gcfg, out_dir, suite_cfg.seconds, ecfg.reuse)
+        clips = produce_clips(spec, prompts, gen_cfg, out_dir, suite_cfg.seconds, eval_cfg.reuse)
         records, speech = [], []
         for p in prompts:
             path = clips[p.id]["path"]
             if path is None:
                 records.append({"id": p.id, "missing": True})
                 continue
-            record, s = score_clip(p, path, scorer, asr, ecfg.asr.normalizer, sync)
+            record, s = score_clip(p, path, scorer, asr, eval_cfg.asr.normalizer, sync)
+            record["sampler"] = clips[p.id].get("sampler")
             record["timings_s"] = clips[p.id].get("timings_s")
             records.append(record)
             if s is not None:
@@ -206,61 +273,54 @@ def evaluate_models(ecfg: Any, gcfg: Any, out_dir: Path) -> dict[str, Any]:
         "suite": {"name": suite_cfg.name, "prompts": str(suite_cfg.prompts), "count": len(prompts)},
         "scorer": scorer.name if scorer else "none",
         "asr": asr.name if asr else "none",
-        "normalizer": ecfg.asr.normalizer,
-        "confidence": ecfg.confidence,
-        "bootstrap_resamples": ecfg.bootstrap_resamples,
+        "normalizer": eval_cfg.asr.normalizer,
+        "confidence": eval_cfg.confidence,
+        "bootstrap_resamples": eval_cfg.bootstrap_resamples,
         "models": models,
-        "compare": load_compare(list(ecfg.compare)),
+        "compare": load_compare(list(eval_cfg.compare)),
     }
     report["_clip_paths"] = clip_paths
     report["_prompts"] = {p.id: p.prompt for p in prompts}
     return report
 
 
-def run_evaluate(cfg: Any) -> dict[str, Any]:
-    """Runner of recipe `evaluate` (dry_run: validate the suite and models, load nothing heavy)."""
-    from omegaconf import OmegaConf
-
-    ecfg = OmegaConf.to_object(cfg.eval)
-    gcfg = OmegaConf.to_object(cfg.generate)
-    unknown = set(ecfg.generate_overrides) - {f.name for f in dataclasses.fields(gcfg)}
-    if unknown:
-        raise ValueError(f"eval.generate_overrides: unknown generate keys {sorted(unknown)}")
-    gcfg = dataclasses.replace(gcfg, **ecfg.generate_overrides)
-    out_dir = Path(ecfg.output_dir)
-    if ecfg.suite.kind == "latency":
+def run_evaluate(
+    eval_cfg: EvalConfig, gen_cfg: GenerateConfig, run_dir: str | Path, dry_run: bool = False
+) -> dict[str, Any]:
+    """Runner of recipe `evaluate`: clips, report and plot in `run_dir` (dry_run: check the suite and models,
+    load nothing heavy)."""
+    gen_cfg = generate_config(eval_cfg, gen_cfg)
+    out_dir = Path(run_dir)
+    if eval_cfg.suite.kind == "latency":
         from magi_train.eval.latency import run_latency
 
-        return run_latency(ecfg, gcfg, out_dir, dry_run=cfg.dry_run)
-    if ecfg.suite.kind != "quality":
-        raise ValueError(f"eval.suite.kind={ecfg.suite.kind!r}: use quality or latency")
-    if cfg.dry_run:
-        prompts = load_suite(ecfg.suite.prompts, ecfg.suite.limit) if ecfg.suite.prompts else []
-        specs = resolve_models(ecfg, gcfg)
+        return run_latency(eval_cfg, gen_cfg, out_dir, dry_run=dry_run)
+    if eval_cfg.suite.kind != "quality":
+        raise ValueError(f"eval.suite.kind={eval_cfg.suite.kind!r}: use quality or latency")
+    if dry_run:
+        prompts = load_suite(eval_cfg.suite.prompts, eval_cfg.suite.limit) if eval_cfg.suite.prompts else []
+        specs = resolve_models(eval_cfg, gen_cfg)
         for spec in specs:
             if spec.clips_dir:
                 _check_clips_dir(spec)
-        plan = {"suite": ecfg.suite.name, "prompts": len(prompts), "models": [s.name for s in specs]}
+        plan = {"suite": eval_cfg.suite.name, "prompts": len(prompts), "models": [s.name for s in specs]}
         print(plan)
         return plan
-    report = evaluate_models(ecfg, gcfg, out_dir)
+    report = evaluate_models(eval_cfg, gen_cfg, out_dir)
     clip_paths, prompts = report.pop("_clip_paths"), report.pop("_prompts")
-    if ecfg.preference:
+    if eval_cfg.preference:
         from magi_train.eval.preference import preference_markdown, preference_report, read_judgements
 
-        pref = preference_report(
-            read_judgements(ecfg.preference), n_resamples=ecfg.bootstrap_resamples, confidence=ecfg.confidence,
-            seed=ecfg.seed,
-        )  # fmt: skip
+        pref = preference_report(read_judgements(eval_cfg.preference), **bootstrap_settings(eval_cfg))
         report["preference"] = pref
         report["preference_markdown"] = preference_markdown(pref)
-    if ecfg.pair_sheet:
+    if eval_cfg.pair_sheet:
         from magi_train.eval.preference import write_pair_sheet
 
         if len(clip_paths) < 2:
             raise ValueError("eval.pair_sheet=true needs at least two models (eval.models)")
         report["pair_sheet"] = str(
-            write_pair_sheet(clip_paths, out_dir / "pair_sheet", prompts, seed=ecfg.seed)
+            write_pair_sheet(clip_paths, out_dir / "pair_sheet", prompts, seed=eval_cfg.seed)
         )
     paths = write_report(report, out_dir)
     print(Path(paths["md"]).read_text(encoding="utf-8"))

@@ -3,7 +3,9 @@
 from magi_train.flow.matching import (
     Mode,
     add_noise,
+    condition_velocities,
     drop_text,
+    impose_conditions,
     joint_flow_loss,
     masked_mse,
     noise_clip,
@@ -17,7 +19,9 @@ from magi_train.flow.matching import (
 __all__ = [
     "Mode",
     "add_noise",
+    "condition_velocities",
     "drop_text",
+    "impose_conditions",
     "joint_flow_loss",
     "masked_mse",
     "noise_clip",

@@ -29,10 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from magi_train.flow.matching import add_noise, shift_sigma, velocity_target, x0_from_velocity
-from magi_train.flow.sampling import Guidance, cfg_combine, released_sigmas
+from magi_train.flow.sampling import Batch, Guidance, Modality, cfg_combine, released_sigmas, renoise_chain
 
-Modality = Tensor | list[Tensor]  # [N, ...] batched, or N per-sample tensors of any shapes
-Batch = list[Modality]  # outer index: modality (video, audio, ...)
 ScoreModel = Callable[[Batch, Tensor, Any], Batch]  # (x_s per modality, sigma [N], cond) -> velocities
 # scale(modality index, sigma [N]) -> guidance scale per sample ([N] tensor or a float)
 ScaleFn = Callable[[int, Tensor], Tensor | float]
@@ -207,20 +205,17 @@ def simulate_to_step(
 ) -> Batch:
     """Run the student without grad through steps 0..k-1 from pure noise; return the input of step k.
 
-    Each hop is the distilled re-noising update: x0 = x - s_i v, then x = s_{i+1} eps + (1 - s_{i+1}) x0
-    with fresh eps (the same update as `sampling.sample_distilled`). k = 0 returns the noise;
-    k = K (= len(sigmas) - 1, last sigma 0) returns the finished sample, so this is also the few-step sampler.
+    The hops are `sampling.renoise_chain`, the distilled sampler's loop: x0 = x - s_i v, then
+    x = s_{i+1} eps + (1 - s_{i+1}) x0 with fresh eps in its draw order (clip by clip, video then audio).
+    k = 0 returns the noise; k = K (= len(sigmas) - 1, last sigma 0) returns the finished sample, so this is
+    also the few-step sampler.
     """
-    num_steps = len(sigmas) - 1
-    if not 0 <= k <= num_steps:
-        raise ValueError(f"step index {k} outside 0..{num_steps} for a {num_steps}-step schedule")
     n, device = num_samples(noise), _device(noise)
-    x = detach(noise)
-    for i in range(k):
-        s, s_next = _full_sigma(sigmas[i], n, device), _full_sigma(sigmas[i + 1], n, device)
-        x0 = predict_x0(student, x, s, cond)
-        x = noise_batch(x0, randn_like_batch(x0, generator), s_next)
-    return x
+
+    def predict(x: Batch, s: Tensor) -> Batch:
+        return predict_x0(student, x, _full_sigma(s, n, device), cond)
+
+    return renoise_chain(predict, detach(noise), sigmas, 0, k, generator)
 
 
 def student_x0(student: ScoreModel, x: Batch, sigma: Tensor | float, cond: Any) -> Batch:
@@ -246,14 +241,18 @@ def guidance_scales(
         return [ones * (1.0 if guidance is None else float(guidance)) for _ in range(num_modalities)]
     if isinstance(guidance, Guidance):
         if num_modalities > 2:
-            raise ValueError(f"Guidance covers (video, audio); got {num_modalities} modalities, pass a callable")
-        video = torch.where(1000 * sigma > guidance.switch_t, guidance.video_scale, guidance.video_scale_late)
-        return [video.to(sigma), ones * guidance.audio_scale][:num_modalities]
+            raise ValueError(
+                f"Guidance covers (video, audio); got {num_modalities} modalities, pass a callable"
+            )
+        video, audio = guidance.scales(1000 * sigma)  # the release's rule is on t = 1000 s
+        return [video.to(sigma), audio.to(sigma)][:num_modalities]
     if callable(guidance):
         return [ones * guidance(m, sigma) for m in range(num_modalities)]
     if len(guidance) != num_modalities:
-        raise ValueError(f"got {len(guidance)} guidance scales for {num_modalities} modalities; "
-                         "pass one scale per modality")
+        raise ValueError(
+            f"got {len(guidance)} guidance scales for {num_modalities} modalities; "
+            "pass one scale per modality"
+        )
     return [ones * float(w) for w in guidance]
 
 

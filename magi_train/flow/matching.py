@@ -6,6 +6,7 @@ The model is timestep-free, so the noise level s appears only here and in the sa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 
 import torch
@@ -63,7 +64,12 @@ def sample_sigma(
 
 
 def noise_clip(
-    video: Tensor, audio: Tensor, sigma: Tensor, video_eps: Tensor, audio_eps: Tensor, mode: Mode,
+    video: Tensor,
+    audio: Tensor,
+    sigma: Tensor,
+    video_eps: Tensor,
+    audio_eps: Tensor,
+    mode: Mode,
     image: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Noisy model inputs of one clip for its conditioning mode; video and audio share the noise level.
@@ -72,15 +78,62 @@ def noise_clip(
     noisy video, with no extra token or flag (spec §4.6). a2v: the clean audio latent is the audio input.
     Returns (video_in [48,T,H,W], audio_in [A,64], first_frame or None).
     """
-    video_in = add_noise(video, video_eps, sigma)
-    audio_in = add_noise(audio, audio_eps, sigma)
     first = None
     if mode == Mode.I2V:
         first = video[:, :1] if image is None else image.to(video)
-        video_in = torch.cat([first, video_in[:, 1:]], dim=1)
-    elif mode == Mode.A2V:
-        audio_in = audio
+    clean = audio if mode == Mode.A2V else None
+    (video_in,), (audio_in,) = impose_conditions(
+        [add_noise(video, video_eps, sigma)], [add_noise(audio, audio_eps, sigma)], [first], [clean]
+    )
     return video_in, audio_in, first
+
+
+def impose_conditions(
+    video: Sequence[Tensor],
+    audio: Sequence[Tensor],
+    first_frames: Sequence[Tensor | None] | None,
+    clean_audio: Sequence[Tensor | None] | None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Conditioning by replacement (spec §4.6-4.7): new lists in which frame 0 of clip i is first_frames[i]
+    (i2v) and its audio is clean_audio[i] (a2v). None (for a list or an entry) leaves clips untouched.
+
+    The one place where conditions enter model inputs: samplers, DMD-2 score models and pretraining noising.
+    """
+    video, audio = list(video), list(audio)
+    for name, conds in (("first_frames", first_frames), ("clean_audio", clean_audio)):
+        if conds is not None and len(conds) != len(video):
+            raise ValueError(
+                f"{name} has {len(conds)} entries for {len(video)} clips: one (or None) per clip"
+            )
+    for i, f in enumerate(first_frames or []):
+        if f is not None:
+            video[i] = torch.cat([f.to(video[i]), video[i][:, 1:]], dim=1)
+    for i, a in enumerate(clean_audio or []):
+        if a is not None:
+            audio[i] = a.to(audio[i])
+    return video, audio
+
+
+def condition_velocities(
+    video: Sequence[Tensor],
+    audio: Sequence[Tensor],
+    first_frames: Sequence[Tensor | None],
+    clean_audio: Sequence[Tensor | None],
+    sigma: Tensor,
+) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """Velocities (x_s - clean) / s of the conditioned parts of noisy inputs x_s at per-clip levels sigma [N].
+
+    Imposed on a model's output (`impose_conditions`), they make x0 = x_s - s v equal the condition there, so
+    losses in x0 space vanish on conditioned parts. Entries are None where a clip has no such condition.
+    """
+    first_v = [
+        None if f is None else (x[:, :1] - f.to(x)) / s
+        for x, f, s in zip(video, first_frames, sigma, strict=True)
+    ]
+    audio_v = [
+        None if a is None else (x - a.to(x)) / s for x, a, s in zip(audio, clean_audio, sigma, strict=True)
+    ]
+    return first_v, audio_v
 
 
 def masked_mse(pred: list[Tensor], target: list[Tensor], frames_from: list[int] | None = None) -> Tensor:
@@ -125,9 +178,7 @@ def joint_flow_loss(
     return {"loss": loss, "loss_video": loss_video, "loss_audio": loss_audio}
 
 
-def sample_modes(
-    n: int, probs: dict[str, float], generator: torch.Generator | None = None
-) -> list[Mode]:
+def sample_modes(n: int, probs: dict[str, float], generator: torch.Generator | None = None) -> list[Mode]:
     """Draw a conditioning mode per clip from {"t2v": p, "i2v": p, "a2v": p} (weights need not sum to 1)."""
     names = [Mode(k) for k, p in probs.items() if p > 0]
     if not names:
@@ -137,9 +188,7 @@ def sample_modes(
     return [names[i] for i in idx.tolist()]
 
 
-def drop_text(
-    text: list[Tensor], drop: Tensor, null_text: Tensor
-) -> list[Tensor]:
+def drop_text(text: list[Tensor], drop: Tensor, null_text: Tensor) -> list[Tensor]:
     """Replace the text features of clips where drop[i] is true by `null_text` [L0, D].
 
     Trained this way the model learns the unconditional branch that classifier-free guidance uses; pass

@@ -1,5 +1,6 @@
 """Samplers of the released daVinci-MagiHuman pipeline (spec §4.4-4.8): flow UniPC + CFG, and the distilled
-8-step re-noising sampler. One implementation for inference, training-time sample callbacks and eval.
+8-step re-noising sampler. One implementation for inference, training-time sample callbacks and eval; the
+re-noising chain (`renoise_chain`) is also DMD-2's backward simulation.
 
 The base sampler is diffusers' `UniPCMultistepScheduler` (order 2, bh2, flow sigmas, final sigma 0) fed
 the released sigma grid `linspace(0.999, 0, n+1)[:-1]`, which it shifts by 5 exactly as the release does;
@@ -8,17 +9,21 @@ its timestep lists equal the released 32/8/5-step lists (tests/flow/test_samplin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from magi_train.flow.matching import Mode, shift_sigma, x0_from_velocity
+from magi_train.flow.matching import Mode, add_noise, impose_conditions, shift_sigma, x0_from_velocity
 
 # model(video_list, audio_list, text_list) -> (velocity_video_list, velocity_audio_list)
 Denoiser = Callable[[list[Tensor], list[Tensor], list[Tensor]], tuple[list[Tensor], list[Tensor]]]
+Modality = Tensor | list[Tensor]  # [N, ...] batched, or N per-sample tensors of any shapes
+Batch = list[Modality]  # outer index: modality (video, audio, ...)
+# predict_x0(x at step i, sigma_i) -> x0; sigma_i is an element of the chain's sigma list
+X0Predictor = Callable[[Batch, Tensor | float], Batch]
 
 SIGMA_START = 0.999  # released training sigmas run 0.999 -> 0 (`1 - linspace(1, 1/1000)`), spec §4.4
 
@@ -32,8 +37,14 @@ class Guidance:
     switch_t: float = 500.0
     audio_scale: float = 5.0
 
-    def video_scale_at(self, t: float) -> float:
-        return self.video_scale if t > self.switch_t else self.video_scale_late
+    def scales(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(video, audio) scales, fp32 and shaped like t, at timesteps t on the 0..1000 scale.
+
+        The release compares the scheduler's integer timestep (strict >), so UniPC passes that; callers
+        holding sigmas in [0, 1] pass 1000 * sigma (DMD-2's real score).
+        """
+        video = torch.where(t > self.switch_t, self.video_scale, self.video_scale_late)
+        return video, torch.full_like(video, self.audio_scale)
 
 
 def released_sigmas(num_steps: int, shift: float = 5.0) -> Tensor:
@@ -53,8 +64,14 @@ def make_unipc(num_steps: int, shift: float = 5.0, order: int = 2):
     from diffusers import UniPCMultistepScheduler  # optional dependency: magi_train[codecs]
 
     sched = UniPCMultistepScheduler(
-        num_train_timesteps=1000, solver_order=order, prediction_type="flow_prediction", predict_x0=True,
-        solver_type="bh2", lower_order_final=True, final_sigmas_type="zero", use_flow_sigmas=True,
+        num_train_timesteps=1000,
+        solver_order=order,
+        prediction_type="flow_prediction",
+        predict_x0=True,
+        solver_type="bh2",
+        lower_order_final=True,
+        final_sigmas_type="zero",
+        use_flow_sigmas=True,
         flow_shift=shift,
     )
     sched.set_timesteps(sigmas=np.linspace(SIGMA_START, 0.0, num_steps + 1)[:-1])
@@ -74,15 +91,60 @@ def _progress(it: Iterable, enabled: bool, desc: str):
     return tqdm(it, desc=desc, leave=False)
 
 
-def _impose(video: list[Tensor], audio: list[Tensor], first_frames, clean_audio):
-    """Conditioning by replacement: clean first latent frame (i2v) and clean audio (a2v)."""
-    for i, f in enumerate(first_frames or []):
-        if f is not None:
-            video[i] = torch.cat([f.to(video[i]), video[i][:, 1:]], dim=1)
-    for i, a in enumerate(clean_audio or []):
-        if a is not None:
-            audio[i] = a.to(audio[i])
-    return video, audio
+def fresh_noise(x: Batch, generator: torch.Generator | None = None) -> Batch:
+    """Standard normal noise shaped like x in the released distilled sampler's draw order (spec §4.8): clip
+    by clip, and video before audio within a clip. A batch of batched [N, ...] modalities counts as one clip.
+
+    Drawn in at least fp32 (the release draws fp32 noise; fp64 states get fp64 noise).
+    """
+
+    def draw(t: Tensor) -> Tensor:
+        dtype = torch.promote_types(t.dtype, torch.float32)
+        return torch.randn(t.shape, generator=generator, dtype=dtype, device=t.device)
+
+    if all(isinstance(m, Tensor) for m in x):
+        return [draw(m) for m in x]
+    if any(isinstance(m, Tensor) for m in x):
+        raise ValueError("a batch mixes batched [N, ...] modalities and per-clip lists; use one layout")
+    eps: list[list[Tensor]] = [[] for _ in x]
+    for clip in zip(*x, strict=True):
+        for m, part in enumerate(clip):
+            eps[m].append(draw(part))
+    return eps
+
+
+def renoise_chain(
+    predict_x0: X0Predictor,
+    x: Batch,
+    sigmas: Sequence[float] | Tensor,
+    start: int = 0,
+    stop: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Batch:
+    """Re-noising steps start..stop-1: x0 = predict_x0(x, s_i), then x = s_{i+1} eps + (1 - s_{i+1}) x0.
+
+    stop None runs to the end; eps is fresh at every step (`fresh_noise`). sigmas holds K + 1 levels ending
+    at 0, so the full chain returns the last x0. This one loop is the distilled sampler (`sample_distilled`)
+    and DMD-2's backward simulation (`dmd.simulate_to_step`, steps 0..k-1); grad mode is the caller's.
+    """
+    num_steps = len(sigmas) - 1
+    stop = num_steps if stop is None else stop
+    if not 0 <= start <= stop <= num_steps:
+        raise ValueError(
+            f"step index range {start}..{stop} outside 0..{num_steps} of a {num_steps}-step list"
+        )
+    x = list(x)
+    for i in _progress(range(start, stop), progress, "sampling"):
+        x0 = predict_x0(x, sigmas[i])
+        eps, s_next = fresh_noise(x0, generator), sigmas[i + 1]
+        x = [
+            add_noise(m, e, s_next)
+            if isinstance(m, Tensor)
+            else [add_noise(c, ce, s_next) for c, ce in zip(m, e, strict=True)]
+            for m, e in zip(x0, eps, strict=True)
+        ]
+    return x
 
 
 @torch.no_grad()
@@ -112,18 +174,18 @@ def sample_unipc(
     timesteps = scheds[0][0].timesteps.tolist()
     video, audio = list(video), list(audio)
     for t in _progress(timesteps, progress, "sampling"):
-        video, audio = _impose(video, audio, first_frames, clean_audio)
+        video, audio = impose_conditions(video, audio, first_frames, clean_audio)
         v_cond, a_cond = model(video, audio, text)
         if use_cfg:
             v_unc, a_unc = model(video, audio, negative_text)
-            sv = guidance.video_scale_at(t)
+            sv, sa = (float(w) for w in guidance.scales(torch.tensor(t)))
             v_cond = [cfg_combine(c, u, sv) for c, u in zip(v_cond, v_unc, strict=True)]
-            a_cond = [cfg_combine(c, u, guidance.audio_scale) for c, u in zip(a_cond, a_unc, strict=True)]
+            a_cond = [cfg_combine(c, u, sa) for c, u in zip(a_cond, a_unc, strict=True)]
         for i, (sv_sched, sa_sched) in enumerate(scheds):
             video[i] = sv_sched.step(v_cond[i].unsqueeze(0), t, video[i].unsqueeze(0)).prev_sample[0]
             if clean_audio is None or clean_audio[i] is None:
                 audio[i] = sa_sched.step(a_cond[i].unsqueeze(0), t, audio[i].unsqueeze(0)).prev_sample[0]
-    return _impose(video, audio, first_frames, clean_audio)
+    return impose_conditions(video, audio, first_frames, clean_audio)
 
 
 @torch.no_grad()
@@ -142,33 +204,37 @@ def sample_distilled(
     """Distilled sampler: no CFG; x0 = x - s_i v, then x = s_{i+1} eps + (1 - s_{i+1}) x0 with fresh eps.
 
     a2v differs from the release on purpose: the released distilled path re-noises and updates the
-    clean audio too (spec §4.7, GAIR issue #44); here clean audio stays clean at every step.
+    clean audio too (spec §4.7, GAIR issue #44); here clean audio stays clean at every step. Noise: one
+    randn per clip and step, video then audio (`fresh_noise`, the release's order).
     """
-    sigmas = released_sigmas(num_steps, shift).tolist()
-    video, audio = list(video), list(audio)
-    for i in _progress(range(num_steps), progress, "sampling"):
-        video, audio = _impose(video, audio, first_frames, clean_audio)
+
+    def predict(x: Batch, s: float) -> Batch:
+        video, audio = impose_conditions(x[0], x[1], first_frames, clean_audio)  # before every forward
         v_pred, a_pred = model(video, audio, text)
-        s, s_next = sigmas[i], sigmas[i + 1]
-        for j in range(len(video)):
-            x0_v = x0_from_velocity(video[j], v_pred[j], s)
-            x0_a = x0_from_velocity(audio[j], a_pred[j], s)
-            # one randn per clip and step, video then audio (release draw order, spec §4.8)
-            eps_v = torch.randn(video[j].shape, generator=generator, device=video[j].device)
-            eps_a = torch.randn(audio[j].shape, generator=generator, device=audio[j].device)
-            video[j] = s_next * eps_v + (1 - s_next) * x0_v
-            audio[j] = s_next * eps_a + (1 - s_next) * x0_a
-    return _impose(video, audio, first_frames, clean_audio)
+        return [
+            [x0_from_velocity(xi, vi, s) for xi, vi in zip(xs, vs, strict=True)]
+            for xs, vs in ((video, v_pred), (audio, a_pred))
+        ]
+
+    sigmas = released_sigmas(num_steps, shift).tolist()
+    x = [list(video), list(audio)]
+    video, audio = renoise_chain(predict, x, sigmas, generator=generator, progress=progress)
+    return impose_conditions(video, audio, first_frames, clean_audio)
 
 
 __all__ = [
+    "Batch",
     "Denoiser",
     "Guidance",
+    "Modality",
     "Mode",
+    "X0Predictor",
     "cfg_combine",
+    "fresh_noise",
     "make_unipc",
     "released_sigmas",
     "released_timesteps",
+    "renoise_chain",
     "sample_distilled",
     "sample_unipc",
 ]

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def zero_snr_alpha(index: int = 220, num_steps: int = 1000, beta_start: float = 0.00085,
-                   beta_end: float = 0.012) -> float:
+def zero_snr_alpha(
+    index: int = 220, num_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> float:
     """sqrt(alpha_bar) at `index` of SD's scaled-linear DDPM schedule rescaled to zero terminal SNR.
 
     The release's ZeroSNRDDPMDiscretization with noise_value 220 gives a = 0.8389 (spec §5.3); the

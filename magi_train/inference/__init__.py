@@ -1,6 +1,5 @@
-"""Inference: from checkpoints to an mp4 with sound (recipe `generate`)."""
+"""Inference: from checkpoints to an mp4 with sound (recipe `generate`). DiTs load with `models/weights.py`."""
 
-from magi_train.inference.checkpoints import LoadedDiT, load_dit
 from magi_train.inference.generate import (
     RELEASED_NEGATIVE_PROMPT,
     GenerateResult,
@@ -14,10 +13,8 @@ from magi_train.inference.generate import (
 __all__ = [
     "RELEASED_NEGATIVE_PROMPT",
     "GenerateResult",
-    "LoadedDiT",
     "Pipeline",
     "generate",
-    "load_dit",
     "load_pipeline",
     "load_text_features",
     "run_generate",

@@ -1,9 +1,10 @@
 """Inference (recipe `generate`): prompt / image / audio -> base DiT -> latent SR -> decode -> mp4 + JSON.
 
 Follows the released pipeline (spec §4-6, `MagiEvaluator.evaluate`): T5-Gemma text features, base
-sampler = flow UniPC with CFG (negative prompt as the uncond branch) or the 8-step distilled re-noising
-sampler, optional latent SR (trilinear upsample, VP re-noise, SR DiT with its own UniPC steps, base audio
-kept), Wan2.2 video decode, Oobleck audio decode resampled 51.2 -> 44.1 kHz, H.264 + AAC mp4 via PyAV.
+sampler = flow UniPC with CFG (negative prompt as the uncond branch) or the few-step distilled re-noising
+sampler (steps and shift of the checkpoint's distillation, else the released 8 / 5), optional latent SR
+(trilinear upsample, VP re-noise, SR DiT with its own UniPC steps, base audio kept), Wan2.2 video decode,
+Oobleck audio decode resampled 51.2 -> 44.1 kHz, H.264 + AAC mp4 via PyAV.
 The samplers are the ones of `magi_train.flow.sampling`; nothing here re-implements a sampling step.
 
 Frame counts. As in the release, a clip of `seconds` has F = seconds*25 + 1 frames = A audio latents
@@ -26,11 +27,10 @@ and SR audio noise; same seed and device give the same output.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -59,14 +59,17 @@ from magi_train.codecs.audio_vae import EFFECTIVE_SAMPLE_RATE, LATENTS_PER_SECON
 from magi_train.codecs.text_encoder import MAX_TEXT_TOKENS
 from magi_train.codecs.video_vae import SPATIAL_STRIDE, VIDEO_LATENT_CHANNELS
 from magi_train.config import GenerateConfig
-from magi_train.flow.sampling import Guidance, sample_distilled, sample_unipc
+from magi_train.flow.sampling import sample_distilled, sample_unipc
 from magi_train.flow.sr import sr_audio_condition, sr_video_input
-from magi_train.inference.checkpoints import LoadedDiT, check_exists, load_dit
+from magi_train.models.dit import MODEL_CONFIGS, DiT
+from magi_train.models.weights import LoadedDiT, check_source, load_dit
+from magi_train.utils.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
 FPS = 25  # released EvaluationConfig.fps (spec §1)
 IMAGE_RESIZE = ("center_crop", "none")
+RELEASED_DISTILLED = {"steps": 8, "shift": 5.0}  # the released distilled sampler (spec §1, §4.7)
 
 # The fixed negative prompt of the release (`MagiEvaluator.__init__`, spec §4.3): visual artefacts, then
 # audio artefacts, then speech-performance artefacts, joined with ", ".
@@ -241,6 +244,27 @@ def _codec_path(cfg: GenerateConfig, name: str, what: str) -> str:
     )
 
 
+def load_codecs(
+    cfg: GenerateConfig, device: torch.device, autocast_dtype: torch.dtype | None
+) -> tuple[VideoVAE, AudioVAE, str | None]:
+    """(video VAE, audio VAE, text encoder directory or None) named by `cfg`; with `tiny_codecs`, random tiny
+    codecs are written into `codecs_dir` first. The text encoder is loaded later, only when needed."""
+    video_path = _codec_path(cfg, "video_vae", "a diffusers AutoencoderKLWan (Wan2.2 VAE)")
+    audio_path = _codec_path(cfg, "audio_vae", "a diffusers AutoencoderOobleck (Stable Audio Open VAE)")
+    if cfg.tiny_codecs:
+        if not cfg.codecs_dir:
+            raise ValueError("generate.tiny_codecs=true needs generate.codecs_dir to write them into")
+        from magi_train.codecs.tiny import write_tiny_codecs
+
+        log.warning("writing random tiny codecs into %s: the output is noise (smoke run)", cfg.codecs_dir)
+        write_tiny_codecs(cfg.codecs_dir)
+    video_vae_dtype = torch.bfloat16 if autocast_dtype is torch.bfloat16 else torch.float32
+    video_vae = VideoVAE.from_pretrained(video_path, video_vae_dtype, device)
+    audio_vae = AudioVAE.from_pretrained(audio_path, device=device)
+    text_path = cfg.text_encoder or (str(Path(cfg.codecs_dir) / "text_encoder") if cfg.codecs_dir else None)
+    return video_vae, audio_vae, text_path
+
+
 @dataclass
 class Pipeline:
     """DiTs and codecs for sampling; `generate(cfg, pipeline)` reuses them across prompts."""
@@ -288,30 +312,48 @@ def load_pipeline(cfg: GenerateConfig) -> Pipeline:
             "(8-step distilled sampler); each is a .ckpt of ours or a released-format directory"
         )
     distilled = bool(cfg.distilled_ckpt)
-    dit_paths = [(cfg.distilled_ckpt if distilled else cfg.base_ckpt, "distilled" if distilled else "base")]
-    dit_paths += [(cfg.sr_ckpt, "sr")] if cfg.sr_ckpt else []
-    for path, role in dit_paths:  # cheap checks first: loading a big DiT takes minutes
-        check_exists(path, role)
-    video_path = _codec_path(cfg, "video_vae", "a diffusers AutoencoderKLWan (Wan2.2 VAE)")
-    audio_path = _codec_path(cfg, "audio_vae", "a diffusers AutoencoderOobleck (Stable Audio Open VAE)")
+    # (role, its weights, the setting naming the model config of released-format weights)
+    roles = [("distilled" if distilled else "base", cfg.distilled_ckpt or cfg.base_ckpt, "base_model")]
+    roles += [("sr", cfg.sr_ckpt, "sr_model")] if cfg.sr_ckpt else []
+    # cheap checks first: loading a big DiT takes minutes
+    kinds = {role: check_source(path, f"generate.{role}_ckpt") for role, path, _ in roles}
     device = resolve_device(cfg.device)
     autocast_dtype = resolve_precision(cfg.precision, device)
-    if cfg.tiny_codecs:
-        if not cfg.codecs_dir:
-            raise ValueError("generate.tiny_codecs=true needs generate.codecs_dir to write them into")
-        from magi_train.codecs.tiny import write_tiny_codecs
+    video_vae, audio_vae, text_path = load_codecs(cfg, device, autocast_dtype)
 
-        log.warning("writing random tiny codecs into %s: the output is noise (smoke run)", cfg.codecs_dir)
-        write_tiny_codecs(cfg.codecs_dir)
-    video_vae_dtype = torch.bfloat16 if autocast_dtype is torch.bfloat16 else torch.float32
-    video_vae = VideoVAE.from_pretrained(video_path, video_vae_dtype, device)
-    audio_vae = AudioVAE.from_pretrained(audio_path, device=device)
-    text_path = cfg.text_encoder or (str(Path(cfg.codecs_dir) / "text_encoder") if cfg.codecs_dir else None)
-
-    def dit(path: str, role: str, model_name: str) -> LoadedDiT:
-        return load_dit(
-            path, role, model_name, cfg.use_ema, device, bf16_linears=autocast_dtype is torch.bfloat16
-        )
+    def dit(role: str, path: str, model_key: str) -> LoadedDiT:
+        """One role's DiT for sampling: ours rebuild from their stored config, released ones from `model_key`."""
+        what, name, model_cfg = f"generate.{role}_ckpt", getattr(cfg, model_key), None
+        if kinds[role] == "released":
+            if name not in MODEL_CONFIGS:
+                raise ValueError(
+                    f"unknown model config {name!r} for the {role} weights {path} (generate.{model_key}); "
+                    f"known: {sorted(MODEL_CONFIGS)}"
+                )
+            model_cfg = copy.deepcopy(MODEL_CONFIGS[name])
+            if role == "sr":
+                model_cfg.text_coords = "v1"  # the release's SR data proxy uses coords_style v1 (spec §1)
+        weights = "auto" if cfg.use_ema else "raw"
+        # bf16 block linears as released (spec §2.10): a big model never holds an fp32 copy on the device
+        dtype_policy = "base" if autocast_dtype is torch.bfloat16 else "fp32"
+        try:
+            loaded = load_dit(path, model_cfg, weights, what=what, device=device, dtype_policy=dtype_policy)
+        except ValueError as err:
+            if model_cfg is None:
+                raise
+            raise ValueError(
+                f"{err}\n(the {role} model config is {name!r}: set generate.{model_key})"
+            ) from err
+        if cfg.use_ema and loaded.weights == "raw":
+            log.warning(
+                "%s=%s holds no EMA weights (trained with ema.decay=0?): using the raw ones", what, path
+            )
+        if loaded.task is not None and (loaded.task == "pretrain_sr") != (role == "sr"):
+            log.warning(
+                "%s=%s was trained by task %r; is it the right model for this role?", what, path, loaded.task
+            )
+        loaded.model.eval().requires_grad_(False)
+        return loaded
 
     text_encoder = None
     if cfg.prompt or (cfg.cfg and not distilled and not cfg.negative_text_features):  # needed: load it now
@@ -320,11 +362,31 @@ def load_pipeline(cfg: GenerateConfig) -> Pipeline:
                 "a prompt (or the negative prompt of CFG) needs generate.text_encoder or codecs_dir"
             )
         text_encoder = TextEncoder.from_pretrained(text_path, device=device)
-    base = dit(*dit_paths[0], cfg.base_model)
-    sr = dit(cfg.sr_ckpt, "sr", cfg.sr_model) if cfg.sr_ckpt else None
+    base = dit(*roles[0])
+    sr = dit(*roles[1]) if cfg.sr_ckpt else None
     return Pipeline(
         base, video_vae, audio_vae, device, autocast_dtype, distilled, sr, text_path, text_encoder
     )
+
+
+def pipeline_for_model(
+    cfg: GenerateConfig,
+    model: DiT,
+    device: torch.device,
+    distilled: bool,
+    config: dict[str, Any] | None = None,
+    path: str = "training",
+) -> Pipeline:
+    """A pipeline around a live DiT (training-time evaluation) with the codecs named by `cfg`.
+
+    `config` plays the role of a checkpoint's stored run config (e.g. {"task": "dmd2", "distill": {...}} gives
+    the distilled sampler its steps and shift). The checkpoint fields and `device` of `cfg` are not used.
+    """
+    autocast_dtype = resolve_precision(cfg.precision, device)
+    video_vae, audio_vae, text_path = load_codecs(cfg, device, autocast_dtype)
+    task = config.get("task") if config else None
+    base = LoadedDiT(model, source="training", weights="raw", path=path, task=task, config=config)
+    return Pipeline(base, video_vae, audio_vae, device, autocast_dtype, distilled, None, text_path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -377,7 +439,7 @@ def _check_request(cfg: GenerateConfig) -> None:
     if cfg.image_resize not in IMAGE_RESIZE:
         raise ValueError(f"generate.image_resize={cfg.image_resize!r}: use one of {IMAGE_RESIZE}")
     for name in ("steps", "distilled_steps", "sr_steps"):
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"generate.{name} must be >= 1, got {getattr(cfg, name)}")
     if not 0 < cfg.sr_alpha <= 1:
         raise ValueError(f"generate.sr_alpha must be in (0, 1], got {cfg.sr_alpha}")
@@ -423,17 +485,44 @@ def _to_uint8(pixels: Tensor) -> np.ndarray:
     return video.permute(1, 2, 3, 0).cpu().numpy()
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic JSON write (temporary file in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+@dataclass(frozen=True)
+class BaseSampler:
+    """The base stage's sampler, its settings and where each came from (recorded in the output JSON)."""
+
+    kind: str  # "unipc" | "distilled"
+    steps: int
+    shift: float
+    cfg: bool  # UniPC with classifier-free guidance
+    settings_from: dict[str, str]  # steps / shift -> "generate.<key>" | "checkpoint" | "released"
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.steps}" + ("+cfg" if self.cfg else "")
+
+
+def base_sampler(cfg: GenerateConfig, pipe: Pipeline) -> BaseSampler:
+    """UniPC with `generate.steps` / `generate.shift`, or the distilled sampler of a distilled checkpoint.
+
+    The distilled sampler takes `generate.distilled_steps` / `generate.distilled_shift` when set, else the
+    values a dmd2 checkpoint of ours was distilled with (`distill.num_student_steps` / `distill.shift` of its
+    stored config), else the released 8 steps at shift 5 (released-format directories carry no config).
+    """
+    if not pipe.distilled:
+        return BaseSampler(
+            "unipc", cfg.steps, cfg.shift, cfg.cfg, {"steps": "generate.steps", "shift": "generate.shift"}
+        )
+    config = pipe.base.config or {}
+    stored = (config.get("distill") or {}) if config.get("task") == "dmd2" else {}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, key in (("steps", "num_student_steps"), ("shift", "shift")):
+        if getattr(cfg, f"distilled_{name}") is not None:
+            values[name], sources[name] = getattr(cfg, f"distilled_{name}"), f"generate.distilled_{name}"
+        elif stored.get(key) is not None:
+            values[name], sources[name] = stored[key], "checkpoint"
+        else:
+            values[name], sources[name] = RELEASED_DISTILLED[name], "released"
+    return BaseSampler("distilled", int(values["steps"]), float(values["shift"]), False, sources)
 
 
 @torch.no_grad()
@@ -493,36 +582,32 @@ def generate(cfg: GenerateConfig, pipeline: Pipeline | None = None) -> GenerateR
     first = [image_latent.to(device)] if image_latent is not None else None
     held_audio = [clean_audio] if clean_audio is not None else None
 
+    sampler = base_sampler(cfg, pipe)
     with timer("base"):
         model = pipe.denoiser(pipe.base)
         if pipe.distilled:
-            sampler = f"distilled-{cfg.distilled_steps}"
             (video,), (audio,) = sample_distilled(
                 model,
                 [video0],
                 [audio0],
                 [text],
-                num_steps=cfg.distilled_steps,
-                shift=cfg.shift,
+                num_steps=sampler.steps,
+                shift=sampler.shift,
                 generator=gen,
                 first_frames=first,
                 clean_audio=held_audio,
                 progress=cfg.progress,
             )
         else:
-            guidance = Guidance(
-                cfg.video_guidance, cfg.video_guidance_late, cfg.guidance_switch_t, cfg.audio_guidance
-            )
-            sampler = f"unipc-{cfg.steps}" + ("+cfg" if negative is not None else "")
             (video,), (audio,) = sample_unipc(
                 model,
                 [video0],
                 [audio0],
                 [text],
                 [negative] if negative is not None else None,
-                num_steps=cfg.steps,
-                shift=cfg.shift,
-                guidance=guidance,
+                num_steps=sampler.steps,
+                shift=sampler.shift,
+                guidance=cfg.guidance,
                 first_frames=first,
                 clean_audio=held_audio,
                 progress=cfg.progress,
@@ -581,7 +666,7 @@ def generate(cfg: GenerateConfig, pipeline: Pipeline | None = None) -> GenerateR
     info = {
         "output": str(out),
         "mode": mode,
-        "sampler": sampler,
+        "sampler": sampler.name,
         "seed": cfg.seed,
         "seconds": cfg.seconds,
         "fps": FPS,
@@ -597,7 +682,9 @@ def generate(cfg: GenerateConfig, pipeline: Pipeline | None = None) -> GenerateR
         "base": {
             "pixel_size": [base_size.pixel_width, base_size.pixel_height],
             "latent_size": [base_size.height, base_size.width],
-            "steps": cfg.distilled_steps if pipe.distilled else cfg.steps,
+            "steps": sampler.steps,
+            "shift": sampler.shift,
+            "settings_from": sampler.settings_from,
             "checkpoint": pipe.base.describe(),
         },
         "sr": sr_info,
@@ -607,7 +694,7 @@ def generate(cfg: GenerateConfig, pipeline: Pipeline | None = None) -> GenerateR
         "settings": dataclasses.asdict(cfg),
     }
     json_path = out.with_suffix(".json")
-    _write_json(json_path, info)
+    atomic_write(json_path, json.dumps(info, indent=2, default=str))
     log.info(
         "wrote %s (%d frames, %.2f s audio) and %s",
         out,
@@ -628,18 +715,19 @@ def generate(cfg: GenerateConfig, pipeline: Pipeline | None = None) -> GenerateR
     )
 
 
-def run_generate(cfg: Any) -> dict[str, Any]:
-    """Runner of recipe `generate`: `cfg.generate` -> mp4 + JSON (dry_run: load everything, sample nothing)."""
-    from omegaconf import OmegaConf
-
-    gen_cfg = OmegaConf.to_object(cfg.generate)
-    assert isinstance(gen_cfg, GenerateConfig), type(gen_cfg)
+def run_generate(gen_cfg: GenerateConfig, dry_run: bool = False) -> dict[str, Any]:
+    """Runner of recipe `generate`: one mp4 + JSON (dry_run: load everything, sample nothing)."""
     _check_request(gen_cfg)
     pipe = load_pipeline(gen_cfg)
-    if cfg.dry_run:
+    if dry_run:
         _check_sr(gen_cfg, pipe)
-        print(f"base: {pipe.base.describe()}\nsr: {pipe.sr.describe() if pipe.sr else None}")
-        return {"base": pipe.base.describe(), "sr": pipe.sr.describe() if pipe.sr else None}
+        plan = {
+            "base": pipe.base.describe(),
+            "sampler": dataclasses.asdict(base_sampler(gen_cfg, pipe)),
+            "sr": pipe.sr.describe() if pipe.sr else None,
+        }
+        print(plan)
+        return plan
     result = generate(gen_cfg, pipe)
     print(f"wrote {result.video_path} and {result.json_path}")
     return {

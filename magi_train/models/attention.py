@@ -22,15 +22,13 @@ def _flash_varlen():
     return flash_attn_varlen_func
 
 
-def flash_available() -> bool:
-    return torch.cuda.is_available() and _flash_varlen() is not None
-
-
 def resolve_backend(backend: str, q: Tensor) -> str:
     """'auto' picks flash-attn when it is installed and q is a CUDA half tensor, else SDPA."""
     if backend == "flash":
         if _flash_varlen() is None:
-            raise ValueError("attn_backend=flash but flash-attn is not installed: pip install 'magi_train[gpu]'")
+            raise ValueError(
+                "attn_backend=flash but flash-attn is not installed: pip install 'magi_train[gpu]'"
+            )
         if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"attn_backend=flash needs CUDA fp16/bf16 inputs, got {q.device} {q.dtype}")
         return "flash"

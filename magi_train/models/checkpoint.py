@@ -14,11 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -28,8 +24,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from magi_train.utils.fileio import fsync_path
 from magi_train.models.dit import MODEL_CONFIGS, DiT, DiTConfig
+from magi_train.utils.fileio import atomic_dir
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -423,7 +419,7 @@ def export_released(
     dtype_policy "base": bf16 block linears, fp32 rest (released base); "fp32": all fp32 (distill/SR).
     One `model.safetensors` if it fits in max_shard_bytes, else `model-0000i-of-0000n.safetensors` shards
     (filled in state_dict order) plus `model.safetensors.index.json`. Written to a temporary directory
-    next to out_dir and renamed at the end, so out_dir never holds a partial checkpoint.
+    next to out_dir and renamed at the end (`atomic_dir`), so out_dir never holds a partial checkpoint.
     """
     if dtype_policy not in DTYPE_POLICIES:
         raise ValueError(f"dtype_policy must be one of {DTYPE_POLICIES}, got {dtype_policy!r}")
@@ -460,28 +456,19 @@ def export_released(
     n = len(shards)
     names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    def write(tmp: Path) -> None:
         for name, keys in zip(names, shards, strict=True):
             tensors = {k: state[k].detach().to(device="cpu", dtype=dtypes[k]).contiguous() for k in keys}
             safetensors.torch.save_file(tensors, str(tmp / name), metadata={"format": "pt"})
             del tensors
-            fsync_path(tmp / name)
         if n > 1:
             index = {
                 "metadata": {"total_size": sum(nbytes.values())},
                 "weight_map": {k: name for name, keys in zip(names, shards, strict=True) for k in keys},
             }
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-            fsync_path(tmp / INDEX_NAME)
-        fsync_path(tmp)
-        _check_out_dir(out_dir, overwrite)  # again: something may have appeared while we were writing
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_path(out_dir.parent)
+
+    atomic_dir(out_dir, write, overwrite=overwrite)
     return out_dir
 
 
@@ -492,20 +479,3 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(
             f"export target {out_dir} exists and is not empty; pass overwrite=True to replace it"
         )
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    # rename cannot replace a non-empty directory: park the old one, swap, then delete it
-    old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-

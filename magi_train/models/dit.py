@@ -204,7 +204,9 @@ def pack(
                 f"got {list(v.shape)}"
             )
         if a.ndim != 2 or a.shape[1] != cfg.audio_in_channels:
-            raise ValueError(f"clip {i}: audio latent must be [A, {cfg.audio_in_channels}], got {list(a.shape)}")
+            raise ValueError(
+                f"clip {i}: audio latent must be [A, {cfg.audio_in_channels}], got {list(a.shape)}"
+            )
         if s.ndim != 2 or s.shape[1] != cfg.text_in_channels or s.shape[0] < 1:
             raise ValueError(
                 f"clip {i}: text features must be [L>=1, {cfg.text_in_channels}], got {list(s.shape)}"
@@ -255,7 +257,9 @@ class ModalityRMSNorm(nn.Module):
 
     def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * (weight.float() + 1)).to(x.dtype)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * (weight.float() + 1)).to(
+            x.dtype
+        )
 
     def forward(self, x: Tensor, seq: PackedSeq | None = None) -> Tensor:
         if self.num_modality == 1:
@@ -444,12 +448,20 @@ MODEL_CONFIGS: dict[str, DiTConfig] = {
     "magihuman_15b": DiTConfig(),
     # ~1.4B, same structure (2 modality-specific layers at each end), for ablations on a few GPUs.
     "small": DiTConfig(
-        num_layers=24, hidden_size=2048, head_dim=128, num_heads_kv=4,
-        mm_layers=[0, 1, 22, 23], gelu7_layers=[0, 1],
+        num_layers=24,
+        hidden_size=2048,
+        head_dim=128,
+        num_heads_kv=4,
+        mm_layers=[0, 1, 22, 23],
+        gelu7_layers=[0, 1],
     ),
     # For tests and CPU smoke runs: every feature of the real model at toy width.
     "tiny": DiTConfig(
-        num_layers=4, hidden_size=128, head_dim=32, num_heads_kv=2,
-        mm_layers=[0, 3], gelu7_layers=[0],
+        num_layers=4,
+        hidden_size=128,
+        head_dim=32,
+        num_heads_kv=2,
+        mm_layers=[0, 3],
+        gelu7_layers=[0],
     ),
 }

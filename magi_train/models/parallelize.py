@@ -22,7 +22,9 @@ def parallelize(model: DiT, activation_checkpointing: bool = False, compile: boo
     if activation_checkpointing:
         apply_activation_checkpointing(
             model,
-            checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+            checkpoint_wrapper_fn=functools.partial(
+                checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT
+            ),
             check_fn=lambda m: isinstance(m, TransformerLayer),
         )
     if compile:

@@ -5,10 +5,15 @@ Source kinds (`source_kind`):
   optionally `.zst`), an index json or one `.safetensors` file (models/checkpoint.py `load_released`). It carries no
   model config: the caller names one.
 - "lightning": one of our Lightning `.ckpt` files: the DiT under `model.` (pretrain / SR tasks) or `student.`
-  (dmd2), the resolved run config under `magi_config`, and, when trained with EMA, Lightning's EMA layout:
-  `state_dict` = the averaged weights, `current_model_state` = the trained ("raw") ones.
-- "deepspeed": a DeepSpeed ZeRO-2/3 checkpoint directory (merged to fp32 by DeepSpeed's own zero_to_fp32).
-- "dcp": an FSDP / torch.distributed.checkpoint directory (`.metadata` + shards, Lightning's `meta.pt`).
+  (dmd2; its teacher and critic are not read), the resolved run config under `magi_config`, and, when trained
+  with EMA, Lightning's EMA layout: `state_dict` = the averaged weights, `current_model_state` = the trained
+  ("raw") ones.
+- "deepspeed": a DeepSpeed ZeRO-2/3 checkpoint directory (merged to fp32 by DeepSpeed's own zero_to_fp32;
+  `magi_config` in the client state of `*model_states.pt`).
+- "dcp": an FSDP / torch.distributed.checkpoint directory (`.metadata` + shards; only the `model` entry is
+  read; `magi_config` in Lightning's `meta.pt`).
+
+Sharded checkpoints hold no EMA weights (EMA needs strategy=ddp).
 
 Pickle: our files are read with `torch.load(weights_only=True)` and memory-mapped. DeepSpeed's optimizer shards and
 the DCP metadata are pickles that their libraries load unrestricted, so they are first scanned and refused if they
@@ -34,11 +39,15 @@ from magi_train.models.dit import DiT, DiTConfig
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = ("auto", "ema", "raw")  # auto: the EMA weights when the checkpoint has them, else the raw (trained) ones
+# auto: the EMA weights when the checkpoint has them, else the raw (trained) ones
+WEIGHTS = ("auto", "ema", "raw")
 # Where a task keeps the DiT: pretrain / SR tasks (`model`), dmd2 (`student`, the network we distil into).
 TASK_PREFIXES = ("model.", "student.")
-# Module names that wrappers (activation checkpointing, FSDP, torch.compile, DeepSpeed) insert into keys.
-_WRAPPER_PARTS = re.compile(r"(^|\.)(_checkpoint_wrapped_module|_fsdp_wrapped_module|_orig_mod|_forward_module)\.")
+# Module names that wrappers (activation checkpointing, FSDP, torch.compile, DeepSpeed) insert into keys; the
+# look-behind (start or a dot) lets adjacent parts (`_orig_mod._checkpoint_wrapped_module.`) all match.
+_WRAPPER_PARTS = re.compile(
+    r"(?<![^.])(?:_checkpoint_wrapped_module|_fsdp_wrapped_module|_orig_mod|_forward_module)\."
+)
 # DiTConfig fields that change how the model runs, not its weights: never compared, reset when rebuilding.
 RUNTIME_FIELDS = {"activation_checkpointing": False, "compile": False}
 _RUNTIME_COMPARE_SKIP = (*RUNTIME_FIELDS, "attn_backend")
@@ -87,23 +96,29 @@ def model_config_from_dict(values: dict[str, Any], where: str) -> DiTConfig:
     names = {f.name for f in dataclasses.fields(DiTConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"{where}: model config has unknown fields {unknown}; was it written by another version?")
-    cfg = DiTConfig(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()})
+        raise ValueError(
+            f"{where}: model config has unknown fields {unknown}; was it written by another version?"
+        )
+    cfg = DiTConfig(**{k: _plain(v) for k, v in values.items()})
     for key, value in RUNTIME_FIELDS.items():
         setattr(cfg, key, value)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
     return cfg
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | list) else value
 
 
 def check_same_architecture(saved: DiTConfig, cfg: DiTConfig, where: str) -> None:
     """A clear error when a checkpoint was trained with another model config than the one asked for."""
     diff = []
     for f in dataclasses.fields(DiTConfig):
-        if f.name in _RUNTIME_COMPARE_SKIP:
-            continue
-        ours, theirs = getattr(cfg, f.name), getattr(saved, f.name)
-        norm = (lambda x: list(x) if isinstance(x, tuple | list) else x)  # noqa: E731
-        if norm(ours) != norm(theirs):
+        ours, theirs = _plain(getattr(cfg, f.name)), _plain(getattr(saved, f.name))
+        if f.name not in _RUNTIME_COMPARE_SKIP and ours != theirs:
             diff.append(f"model.{f.name}: checkpoint {theirs!r}, this run {ours!r}")
     if diff:
         raise ValueError(
@@ -130,13 +145,13 @@ def source_kind(source: str | Path) -> str:
         raise ValueError(f"{source} does not exist; {_SOURCE_HINT}")
     if (p / ".metadata").is_file():
         return "dcp"
-    if (
-        (p / "latest").is_file()
-        or any(p.glob("*/mp_rank_00_model_states.pt"))
-        or any(p.glob("*/zero_pp_rank_0_mp_rank_00_model_states.pt"))
-    ):
+    if (p / "latest").is_file() or any(p.glob("*/*model_states.pt")):
         return "deepspeed"
-    raise ValueError(f"{source} is a directory of none of the known kinds; {_SOURCE_HINT}")
+    present = sorted(q.name for q in p.iterdir())
+    shown = ", ".join(present[:8]) + (f", ... (+{len(present) - 8} more)" if len(present) > 8 else "")
+    raise ValueError(
+        f"{source} is a directory of none of the known kinds (contents: {shown or 'empty'}); {_SOURCE_HINT}"
+    )
 
 
 def _is_released_dir(p: Path) -> bool:
@@ -145,7 +160,7 @@ def _is_released_dir(p: Path) -> bool:
 
 def strip_task_prefix(state: dict[str, Tensor], where: str) -> dict[str, Tensor]:
     """LightningModule keys (`model.<dit key>`, maybe with wrapper parts) -> bare DiT keys."""
-    state = {_WRAPPER_PARTS.sub(r"\1", k): v for k, v in state.items()}
+    state = {_WRAPPER_PARTS.sub("", k): v for k, v in state.items()}
     for prefix in TASK_PREFIXES:
         sub = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         if sub:
@@ -164,7 +179,7 @@ def _read_lightning(path: Path, weights: str) -> tuple[dict[str, Tensor], dict |
         raise ValueError(f"{path} has no 'state_dict': not a Lightning checkpoint")
     has_ema = "current_model_state" in ckpt
     if weights == "ema" and not has_ema:
-        raise ValueError(f"weights=ema but {path} holds no EMA weights (trained without EMA?)")
+        raise ValueError(f"weights=ema but {path} holds no EMA weights (trained with ema.decay=0?)")
     use_ema = has_ema and weights != "raw"
     state = ckpt["state_dict"] if use_ema or not has_ema else ckpt["current_model_state"]
     return strip_task_prefix(state, str(path)), ckpt.get("magi_config"), "ema" if use_ema else "raw"
@@ -175,7 +190,9 @@ def _check_pickle_globals(files: list[Path], allowed: set[str]) -> None:
     for f in files:
         unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(f)) - allowed
         if unsafe:
-            raise ValueError(f"{f} references {sorted(unsafe)}: refusing to unpickle it (not a plain checkpoint)")
+            raise ValueError(
+                f"{f} references {sorted(unsafe)}: refusing to unpickle it (not a plain checkpoint)"
+            )
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -203,12 +220,21 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _deepspeed_tag_dir(path: Path) -> Path:
+    """The tag folder that `latest` names (else the only one holding model states)."""
     latest = path / "latest"
-    tag = latest.read_text().strip() if latest.is_file() else None
-    tag_dir = path / tag if tag else next(p.parent for p in path.glob("*/*model_states.pt"))
-    if not tag_dir.is_dir():
-        raise ValueError(f"DeepSpeed checkpoint {path}: its `latest` names {tag!r}, which is not a folder there")
-    return tag_dir
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if not tag or not (path / tag).is_dir():
+            raise ValueError(
+                f"DeepSpeed checkpoint {path}: its `latest` names {tag!r}, which is not a folder there"
+            )
+        return path / tag
+    tags = sorted({q.parent for q in path.glob("*/*model_states.pt")})
+    if len(tags) != 1:
+        raise ValueError(
+            f"DeepSpeed checkpoint {path} has no `latest` file and {len(tags)} tag folders: name one"
+        )
+    return tags[0]
 
 
 def _read_deepspeed(path: Path) -> tuple[dict[str, Tensor], dict | None]:
@@ -232,7 +258,10 @@ def _read_dcp(path: Path) -> tuple[dict[str, Tensor], dict | None]:
     loaded: dict[str, Any] = {}
     # Only the "model" entry: the optimizer states beside it are twice as large and not needed here.
     _load_state_dict(
-        loaded, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True
+        loaded,
+        storage_reader=FileSystemReader(path),
+        planner=_EmptyStateDictLoadPlanner(keys={"model"}),
+        no_dist=True,
     )
     if "model" not in loaded:
         raise ValueError(f"distributed checkpoint {path} has no 'model' entry (not written by Lightning?)")
@@ -241,18 +270,23 @@ def _read_dcp(path: Path) -> tuple[dict[str, Tensor], dict | None]:
     return strip_task_prefix(loaded["model"], str(path)), meta.get("magi_config")
 
 
-def read_dit_state(source: str | Path, weights: str = "auto") -> tuple[dict[str, Tensor], dict | None, str, str]:
+def read_dit_state(
+    source: str | Path, weights: str = "auto"
+) -> tuple[dict[str, Tensor], dict | None, str, str]:
     """(bare DiT state dict, the run's resolved config or None, "ema" | "raw", kind) of one of our checkpoints.
 
-    Any kind but "released" (which is streamed into a model by `load_dit`). Sharded checkpoints (DeepSpeed, DCP)
-    hold no EMA weights.
+    Any kind but "released" (which is streamed into a model by `load_dit`). weights: "auto" the EMA weights when
+    the checkpoint has them, else the raw ones; "ema" requires them (an error for sharded checkpoints, which never
+    hold them); "raw" the trained weights. The tensors may be memory-mapped from the file: copy before writing.
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: use one of {WEIGHTS}")
     path = Path(source)
     kind = source_kind(path)
     if kind == "released":
-        raise ValueError(f"{source} is a released-format checkpoint: load it with load_dit(source, cfg)")
+        raise ValueError(
+            f"{source} is a released-format checkpoint (no EMA, no config): load it with load_dit(source, cfg)"
+        )
     if kind == "lightning":
         state, config, which = _read_lightning(path, weights)
         return state, config, which, kind
@@ -269,7 +303,11 @@ def read_dit_state(source: str | Path, weights: str = "auto") -> tuple[dict[str,
 
 def load_state_strict(model: DiT, state: dict[str, Tensor], where: str, assign: bool = False) -> None:
     """`model.load_state_dict(state, strict=True)` with one ValueError naming every missing, unexpected or
-    mis-shaped key (torch raises RuntimeError for shapes only after the key check)."""
+    mis-shaped key (torch raises RuntimeError for shapes only after the key check).
+
+    assign=False copies (and casts) each tensor into the model's own storage, whatever its device and dtype;
+    assign=True makes the model (e.g. one on the meta device) hold the state's tensors themselves, no copy.
+    """
     own = model.state_dict()
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
@@ -280,8 +318,6 @@ def load_state_strict(model: DiT, state: dict[str, Tensor], where: str, assign: 
             f"unexpected {unexpected[:6]} ({len(unexpected)}), shapes {shapes[:4]} ({len(shapes)}); select the "
             "model the checkpoint was trained with"
         )
-    if assign:  # keep each parameter's dtype and device (the state is on CPU, maybe in another dtype)
-        state = {k: v.to(device=own[k].device, dtype=own[k].dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=assign)
 
 
@@ -291,25 +327,29 @@ def empty_dit(cfg: DiTConfig, device: str | torch.device = "cpu", dtype_policy: 
     dtype_policy "base" stores the block linears in bf16 as the released base checkpoint (spec §2.10), so a big
     model never holds an fp32 copy on the device; norms, adapter and heads stay fp32. Run it under bf16 autocast.
     """
-    if dtype_policy not in DTYPE_POLICIES:
-        raise ValueError(f"dtype_policy={dtype_policy!r}: use one of {DTYPE_POLICIES}")
     with torch.device("meta"):
         model = DiT(cfg)
-    if dtype_policy == "base":
-        for name, param in model.named_parameters():
-            if released_dtype(name, "base") == torch.bfloat16:
-                param.data = param.data.to(torch.bfloat16)
-    return model.to_empty(device=device)
+    return apply_dtype_policy(model, dtype_policy).to_empty(device=device)
 
 
-def check_source(source: str | Path | None, what: str) -> None:
-    """Fail fast, before anything is loaded, when a weight source is unset or does not exist."""
+def apply_dtype_policy(model: DiT, dtype_policy: str) -> DiT:
+    """Store each parameter in the dtype of the policy, in place ("fp32": all fp32; "base": the block linears in
+    bf16 as the released base checkpoint, spec §2.10; norms, adapter and heads fp32)."""
+    if dtype_policy not in DTYPE_POLICIES:
+        raise ValueError(f"dtype_policy={dtype_policy!r}: use one of {DTYPE_POLICIES}")
+    for name, param in model.named_parameters():
+        param.data = param.data.to(released_dtype(name, dtype_policy))
+    return model
+
+
+def check_source(source: str | Path | None, what: str) -> str:
+    """Fail fast, before anything is loaded, when a weight source is unset or of no known kind; returns the kind."""
     if not source:
         raise ValueError(f"{what} is not set; {_SOURCE_HINT}")
     try:
-        source_kind(source)
-    except ValueError as err:
-        raise ValueError(f"{what}={source}: {err}") from err
+        return source_kind(source)
+    except ValueError as err:  # its messages start with the source: "<what>=<source> does not exist; ..."
+        raise ValueError(f"{what}={err}") from err
 
 
 def load_dit(
@@ -324,20 +364,31 @@ def load_dit(
     """Build a DiT and load its weights strictly from any source kind (module docstring).
 
     cfg: the model config; required for released weights (they carry none), else checked against the config
-    stored in the checkpoint (None: rebuild from it). weights: "auto" | "ema" | "raw" for our checkpoints.
-    `what` names the setting in errors (e.g. "init_from", "distill.teacher.checkpoint").
+    stored in the checkpoint (None: rebuild from it). weights: "auto" | "ema" | "raw" (`read_dit_state`) for our
+    checkpoints; released weights are what they are ("ema" is an error there). dtype_policy: `empty_dit`.
+    `what` names the setting in errors (e.g. "init_from", "distill.teacher.checkpoint"). The model is returned
+    as built (train mode, trainable): callers that sample set `.eval().requires_grad_(False)`.
     """
-    check_source(source, what)
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: use one of {WEIGHTS}")
+    kind = check_source(source, what)
     path = Path(source)
-    kind = source_kind(path)
     if kind == "released":
         if cfg is None:
-            raise ValueError(f"{what}={source}: released-format weights carry no model config; name one (model=...)")
-        model = empty_dit(cfg, device, dtype_policy)
+            raise ValueError(
+                f"{what}={source}: released-format weights carry no model config; name one (model=...)"
+            )
+        if weights == "ema":
+            raise ValueError(
+                f"weights=ema but {what}={source} is released-format (no EMA / raw split): use auto"
+            )
+        model = empty_dit(copy.deepcopy(cfg), device, dtype_policy)
         try:
             load_released(model, path)
         except FileNotFoundError as err:
             raise ValueError(f"{what}={source}: {err}; {_SOURCE_HINT}") from err
+        except ValueError as err:
+            raise ValueError(f"{what}: {err}") from err
         return LoadedDiT(model, "released", "released", str(path))
     state, config, which, kind = read_dit_state(path, weights)
     stored = config.get("model") if isinstance(config, dict) else None
@@ -348,11 +399,13 @@ def load_dit(
             )
         cfg = model_config_from_dict(dict(stored), f"{what}={source}")
     elif isinstance(stored, dict):
-        check_same_architecture(model_config_from_dict(dict(stored), f"{what}={source}"), cfg, f"{what}={source}")
+        check_same_architecture(
+            model_config_from_dict(dict(stored), f"{what}={source}"), cfg, f"{what}={source}"
+        )
     model = empty_dit(copy.deepcopy(cfg), device, dtype_policy)
-    load_state_strict(model, state, f"{what}={source}", assign=True)
-    if weights == "auto" and which == "raw" and kind == "lightning":
-        log.info("%s=%s holds no EMA weights: loaded the raw (trained) weights", what, source)
+    load_state_strict(model, state, f"{what}={source}")
+    if weights == "auto" and which == "raw":
+        log.info("%s=%s holds no EMA weights: loaded the raw (trained) ones", what, source)
     task = config.get("task") if isinstance(config, dict) else None
     return LoadedDiT(model, kind, which, str(path), task, config)
 
@@ -362,6 +415,7 @@ __all__ = [
     "WEIGHTS",
     "LoadedDiT",
     "check_same_architecture",
+    "apply_dtype_policy",
     "check_source",
     "empty_dit",
     "load_dit",

@@ -5,7 +5,7 @@ trainable, initialised from the teacher) and the student (generator). The Lightn
 functions of `magi_train.flow.dmd` together under manual optimisation: the critic steps every iteration,
 the student every `generator_every` iterations (two-time-scale rule), each role with its own AdamW,
 clipping and schedule. `trainer.global_step` counts iterations (critic updates). The student's EMA and the
-validation samples of its 8-step sampler are handled by `StudentEMA` and `validation_step`.
+validation samples of its 8-step sampler are handled by `tasks/ema.py StudentEMA` and `validation_step`.
 """
 
 from __future__ import annotations
@@ -20,21 +20,19 @@ import lightning as L
 import numpy as np
 import safetensors.torch
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 
-from magi_train.config import DistillConfig, OptimConfig, RoleConfig
+from magi_train.config import DistillConfig, RoleConfig
 from magi_train.data.reader import ClipBatch
-from magi_train.utils.fileio import atomic_file
 from magi_train.flow import dmd
-from magi_train.flow.matching import Mode, drop_text, sample_modes
+from magi_train.flow.matching import Mode, condition_velocities, drop_text, impose_conditions, sample_modes
 from magi_train.flow.sampling import sample_distilled
 from magi_train.models.dit import TEXT, DiT, PackedSeq
-from magi_train.tasks.pretrain import build_optimizer, load_null_text
-
-EMA_KEY = "student_ema_state"  # where on_load_checkpoint hands the saved EMA weights to StudentEMA
-
+from magi_train.tasks.ema import EMA_KEY
+from magi_train.tasks.optim import build_optimizer
+from magi_train.tasks.pretrain import load_null_text
+from magi_train.utils.fileio import atomic_file
 
 # ---------------------------------------------------------------------------------------------------------
 # Conditioning and the DiT as a ScoreModel
@@ -70,26 +68,16 @@ class DiTScore:
 
     def __call__(self, xs: dmd.Batch, sigma: Tensor, cond: DiTCondition) -> dmd.Batch:
         video, audio = xs
-        video_in, audio_in = list(video), list(audio)
-        for i, (first, clean) in enumerate(zip(cond.first_frames, cond.clean_audio, strict=True)):
-            if first is not None:
-                video_in[i] = torch.cat([first.to(video[i]), video[i][:, 1:]], dim=1)
-            if clean is not None:
-                audio_in[i] = clean.to(audio[i])
+        video_in, audio_in = impose_conditions(video, audio, cond.first_frames, cond.clean_audio)
         device = video[0].device
         if self.autocast_dtype is not None:
             with torch.autocast(device.type, dtype=self.autocast_dtype):
                 v, a = self.model(video_in, audio_in, cond.text)
         else:
             v, a = self.model(video_in, audio_in, cond.text)
-        v, a = list(v), list(a)
         s = sigma.to(device).clamp_min(1e-6)  # model calls never use s = 0; guard the division anyway
-        for i, (first, clean) in enumerate(zip(cond.first_frames, cond.clean_audio, strict=True)):
-            if first is not None:
-                v0 = (video[i][:, :1] - first.to(video[i])) / s[i]
-                v[i] = torch.cat([v0.to(v[i]), v[i][:, 1:]], dim=1)
-            if clean is not None:
-                a[i] = ((audio[i] - clean.to(audio[i])) / s[i]).to(a[i])
+        first_v, audio_v = condition_velocities(video, audio, cond.first_frames, cond.clean_audio, s)
+        v, a = impose_conditions(v, a, first_v, audio_v)  # x0 = x_s - s v is then the condition there
         return [v, a]
 
 
@@ -121,7 +109,9 @@ class DiscriminatorHead(nn.Module):
 
     def __init__(self, hidden: int):
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        self.net = nn.Sequential(
+            nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1)
+        )
 
     def forward(self, h: Tensor, seq: PackedSeq) -> Tensor:
         logits = self.net(h.float()).squeeze(-1)  # [L], packed order [v1 a1 t1 | v2 a2 t2 | ...]
@@ -143,14 +133,6 @@ def stream_seed(seed: int, step: int, name: str, rank: int = 0) -> int:
     and differs across ranks; only the step index k uses a rank-independent stream (`dmd.shared_generator`)."""
     digest = hashlib.blake2b(f"{seed}:{step}:{name}:{rank}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-def role_optim(role: RoleConfig) -> OptimConfig:
-    """The pretrain optimiser builder's config for one role (AdamW, no decay on norms/biases, warm-up then constant)."""
-    return OptimConfig(
-        lr=role.lr, betas=list(role.betas), eps=role.eps, weight_decay=role.weight_decay,
-        warmup_steps=role.warmup_steps, schedule="constant", grad_clip=role.grad_clip, ema_decay=0.0,
-    )
 
 
 def _noop() -> None:
@@ -192,7 +174,9 @@ class DMD2Task(L.LightningModule):
             layers = critic.block.layers
             index = len(layers) // 2 if cfg.gan_layer is None else cfg.gan_layer
             if not 0 <= index < len(layers):
-                raise ValueError(f"distill.gan_layer={cfg.gan_layer}: the critic has layers 0..{len(layers) - 1}")
+                raise ValueError(
+                    f"distill.gan_layer={cfg.gan_layer}: the critic has layers 0..{len(layers) - 1}"
+                )
             self.disc = DiscriminatorHead(critic.cfg.hidden_size)
             self._tap = FeatureTap(layers[index])
         self.generator_stepped = False  # read (and reset) by StudentEMA after each generator update
@@ -208,7 +192,9 @@ class DMD2Task(L.LightningModule):
 
     def _generator(self, step: int, name: str, device: torch.device | str | None = None) -> torch.Generator:
         device = self.device if device is None else device
-        return torch.Generator(device=device).manual_seed(stream_seed(self.seed, step, name, self.global_rank))
+        return torch.Generator(device=device).manual_seed(
+            stream_seed(self.seed, step, name, self.global_rank)
+        )
 
     def conditioning(self, batch: ClipBatch, generator: torch.Generator) -> tuple[DiTCondition, DiTCondition]:
         """(cond, uncond) of a batch: modes drawn per clip; uncond = negative-prompt features, same image/audio."""
@@ -227,11 +213,18 @@ class DMD2Task(L.LightningModule):
     def score_sigma(self, n: int, generator: torch.Generator) -> Tensor:
         c = self.cfg
         return dmd.sample_score_sigma(
-            n, c.score_sigma_min, c.score_sigma_max, c.score_shift, generator=generator, device=self.device,
+            n,
+            c.score_sigma_min,
+            c.score_sigma_max,
+            c.score_shift,
+            generator=generator,
+            device=self.device,
             method=c.score_sigma_method,
         )
 
-    def discriminate(self, x0: dmd.Batch, sigma: Tensor, cond: DiTCondition, generator: torch.Generator) -> Tensor:
+    def discriminate(
+        self, x0: dmd.Batch, sigma: Tensor, cond: DiTCondition, generator: torch.Generator
+    ) -> Tensor:
         """GAN logits [N] of clean latents x0, diffusion-noised to sigma and read through the critic's features."""
         assert self.disc is not None and self._tap is not None
         x_t = dmd.noise_batch(x0, dmd.randn_like_batch(x0, generator), sigma)
@@ -249,19 +242,33 @@ class DMD2Task(L.LightningModule):
         n = dmd.num_samples(x_g)
         sigma = self.score_sigma(n, generator)
         out = dmd.dmd_generator_loss(
-            x_g, self.teacher_score, self.critic_score, sigma, cond, uncond, c.guidance, c.normalizer,
-            [1.0, c.audio_weight], generator=generator,
+            x_g,
+            self.teacher_score,
+            self.critic_score,
+            sigma,
+            cond,
+            uncond,
+            c.guidance,
+            c.normalizer,
+            [1.0, c.audio_weight],
+            generator=generator,
         )
         g_video, g_audio = dmd.mean_abs(out.g)
         logs = {
-            "dmd_loss": out.loss.detach(), "g_abs_video": g_video, "g_abs_audio": g_audio,
-            "score_sigma": sigma.mean(), "step_index": torch.tensor(float(k)),
-            "student_video_std": _modality_std(x_g[0]), "student_audio_std": _modality_std(x_g[1]),
+            "dmd_loss": out.loss.detach(),
+            "g_abs_video": g_video,
+            "g_abs_audio": g_audio,
+            "score_sigma": sigma.mean(),
+            "step_index": torch.tensor(float(k)),
+            "student_video_std": _modality_std(x_g[0]),
+            "student_audio_std": _modality_std(x_g[1]),
         }
         loss = out.loss
         if c.gan:
             self._tap.value = None
-            gan = dmd.gan_generator_loss(self.discriminate(x_g, self.score_sigma(n, generator), cond, generator))
+            gan = dmd.gan_generator_loss(
+                self.discriminate(x_g, self.score_sigma(n, generator), cond, generator)
+            )
             loss = loss + c.gan_generator_weight * gan
             logs["gan_generator_loss"] = gan.detach()
         return loss, x_g, logs
@@ -316,7 +323,9 @@ class DMD2Task(L.LightningModule):
             self.untoggle_optimizer(opt_s)
             self._gen_logs = logs
             if last:
-                self._gen_logs["grad_norm_student"] = self._step(opt_s, sched_s, c.student.grad_clip, counted=False)
+                self._gen_logs["grad_norm_student"] = self._step(
+                    opt_s, sched_s, c.student.optim.grad_clip, counted=False
+                )
                 self.generator_stepped = True
         else:
             with torch.no_grad():
@@ -325,7 +334,7 @@ class DMD2Task(L.LightningModule):
         loss_c, logs_c = self.critic_objective(x_g, real, cond, noise_gen)
         self.manual_backward(loss_c / acc)
         if last:
-            logs_c["grad_norm_critic"] = self._step(opt_c, sched_c, c.critic.grad_clip, counted=True)
+            logs_c["grad_norm_critic"] = self._step(opt_c, sched_c, c.critic.optim.grad_clip, counted=True)
 
         n = len(batch)
         # generator values are re-logged until the next generator update, so that every logged row has them
@@ -337,7 +346,12 @@ class DMD2Task(L.LightningModule):
 
     def _step(self, opt, sched, clip: float, counted: bool) -> Tensor:
         """Clip, step, zero and schedule one role; returns the pre-clip grad norm (local to the rank if sharded)."""
-        grads = [p.grad.detach().float().norm() for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        grads = [
+            p.grad.detach().float().norm()
+            for g in opt.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        ]
         norm = torch.stack(grads).norm() if grads else torch.zeros(())
         if clip > 0:
             self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
@@ -352,9 +366,11 @@ class DMD2Task(L.LightningModule):
 
     def configure_optimizers(self):
         max_steps = self.trainer.max_steps if self._trainer is not None else 0
-        opt_s, sched_s = build_optimizer(self.student, role_optim(self.cfg.student), max_steps)
-        critic = nn.ModuleDict({"critic": self.critic, **({"disc": self.disc} if self.disc is not None else {})})
-        opt_c, sched_c = build_optimizer(critic, role_optim(self.cfg.critic), max_steps)
+        opt_s, sched_s = build_optimizer(self.student, self.cfg.student.optim, max_steps)
+        critic = nn.ModuleDict(
+            {"critic": self.critic, **({"disc": self.disc} if self.disc is not None else {})}
+        )
+        opt_c, sched_c = build_optimizer(critic, self.cfg.critic.optim, max_steps)
         return [
             {"optimizer": opt_s, "lr_scheduler": {"scheduler": sched_s, "interval": "step"}},
             {"optimizer": opt_c, "lr_scheduler": {"scheduler": sched_c, "interval": "step"}},
@@ -369,8 +385,15 @@ class DMD2Task(L.LightningModule):
         real = [[v.float() for v in batch.video], [a.float() for a in batch.audio]]
         noise = dmd.randn_like_batch(real, gen)
         video, audio = sample_distilled(
-            self.student, noise[0], noise[1], cond.text, c.num_student_steps, c.shift, generator=gen,
-            first_frames=cond.first_frames, clean_audio=cond.clean_audio,
+            self.student,
+            noise[0],
+            noise[1],
+            cond.text,
+            c.num_student_steps,
+            c.shift,
+            generator=gen,
+            first_frames=cond.first_frames,
+            clean_audio=cond.clean_audio,
         )
         x_g = [video, audio]
         sigma = torch.full((n,), c.sample_sigma, device=self.device)
@@ -398,8 +421,11 @@ class DMD2Task(L.LightningModule):
         out.mkdir(parents=True, exist_ok=True)
         for i in range(min(self.cfg.sample_clips, len(batch))):
             sources = {"student": x_g, "teacher_x0": x0_real, "critic_x0": x0_fake}
-            tensors = {f"{src}_{mod}": x[m][i].detach().float().cpu().contiguous()
-                       for src, x in sources.items() for m, mod in enumerate(("video", "audio"))}
+            tensors = {
+                f"{src}_{mod}": x[m][i].detach().float().cpu().contiguous()
+                for src, x in sources.items()
+                for m, mod in enumerate(("video", "audio"))
+            }
             atomic_file(out / f"clip{i}.safetensors", lambda p, t=tensors: safetensors.torch.save_file(t, p))
             panel = latent_panel([x[0][i] for x in sources.values()], [x[1][i] for x in sources.values()])
             atomic_file(out / f"clip{i}.png", lambda p, a=panel: Image.fromarray(a).save(p, format="PNG"))
@@ -414,12 +440,16 @@ class DMD2Task(L.LightningModule):
         if not self.cfg.save_teacher:  # re-loaded from distill.teacher.checkpoint on resume
             for key in ("state_dict", "current_model_state"):
                 if key in checkpoint:
-                    checkpoint[key] = {k: v for k, v in checkpoint[key].items() if not k.startswith("teacher.")}
+                    checkpoint[key] = {
+                        k: v for k, v in checkpoint[key].items() if not k.startswith("teacher.")
+                    }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "current_model_state" in checkpoint:  # StudentEMA layout: state_dict holds the EMA student
             ema = checkpoint["state_dict"]
-            checkpoint[EMA_KEY] = {k.removeprefix("student."): v for k, v in ema.items() if k.startswith("student.")}
+            checkpoint[EMA_KEY] = {
+                k.removeprefix("student."): v for k, v in ema.items() if k.startswith("student.")
+            }
             checkpoint["state_dict"] = checkpoint.pop("current_model_state")
         saved, own = set(checkpoint["state_dict"]), set(self.state_dict())
         missing, unexpected = sorted(own - saved), sorted(saved - own)
@@ -436,99 +466,26 @@ class DMD2Task(L.LightningModule):
 
 def validate_distill(cfg: DistillConfig) -> None:
     """Clear errors for settings DMD-2 cannot run with."""
-    if cfg.teacher.trainable:
-        raise ValueError("distill.teacher.trainable=true: the teacher is the frozen real score; train the critic")
     for name in ("critic", "student"):
         role: RoleConfig = getattr(cfg, name)
-        if not role.trainable:
-            raise ValueError(f"distill.{name}.trainable=false: DMD-2 trains the {name}; set distill.{name}.lr=0 "
-                             "to keep its weights fixed (e.g. the frozen-critic control)")
-        if role.dtype != "fp32":
-            raise ValueError(f"distill.{name}.dtype={role.dtype!r}: trainable roles keep fp32 master weights; "
-                             "use trainer.precision=bf16-mixed for bf16 compute")
-        if len(role.betas) != 2:
-            raise ValueError(f"distill.{name}.betas={list(role.betas)}: give two AdamW betas")
+        if len(role.optim.betas) != 2:
+            raise ValueError(f"distill.{name}.optim.betas={list(role.optim.betas)}: give two AdamW betas")
+        if role.optim.schedule != "constant":
+            raise ValueError(
+                f"distill.{name}.optim.schedule={role.optim.schedule!r}: DMD-2 roles train at a "
+                "constant LR after warm-up (spec/dmd2.md §1); use constant"
+            )
     if cfg.teacher.dtype not in ("fp32", "bf16"):
         raise ValueError(f"distill.teacher.dtype={cfg.teacher.dtype!r}: use fp32 or bf16")
     if cfg.generator_every < 1 or cfg.num_student_steps < 1:
-        raise ValueError(f"distill.generator_every={cfg.generator_every} and distill.num_student_steps="
-                         f"{cfg.num_student_steps} must be >= 1")
+        raise ValueError(
+            f"distill.generator_every={cfg.generator_every} and distill.num_student_steps="
+            f"{cfg.num_student_steps} must be >= 1"
+        )
     if not 0 < cfg.sample_sigma <= 1:
         raise ValueError(f"distill.sample_sigma={cfg.sample_sigma}: a noise level in (0, 1]")
-    if not 0 <= cfg.ema_decay < 1:
-        raise ValueError(f"distill.ema_decay={cfg.ema_decay}: use 0 (off) or a decay in (0, 1)")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# EMA of the student only
-# ---------------------------------------------------------------------------------------------------------
-
-
-class StudentEMA(Callback):
-    """Exponential moving average of the student's weights (not teacher or critic), after each generator step.
-
-    Until `start_step` iterations the average is a copy (Self-Forcing starts its EMA late, FastVideo builds it
-    from trained weights). Validation runs with the EMA student. Checkpoints use Lightning's EMA layout:
-    `state_dict` holds the EMA student and `current_model_state` the raw weights, so the `generate` loader
-    picks the EMA student by default. Under sharded strategies the shadow is the rank's local shard.
-    """
-
-    def __init__(self, decay: float, start_step: int = 0, on_cpu: bool = False):
-        self.decay, self.start_step, self.on_cpu = decay, start_step, on_cpu
-        self.shadow: dict[str, Tensor] | None = None
-        self._backup: dict[str, Tensor] | None = None
-
-    def _device(self, pl_module: L.LightningModule) -> torch.device:
-        return torch.device("cpu") if self.on_cpu else pl_module.device
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dev = self._device(pl_module)
-        if self.shadow is None:
-            self.shadow = {k: v.detach().to(dev, torch.float32, copy=True)
-                           for k, v in pl_module.student.state_dict().items()}
-        else:  # restored from a checkpoint
-            self.shadow = {k: v.to(dev, torch.float32) for k, v in self.shadow.items()}
-
-    @torch.no_grad()
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if not pl_module.generator_stepped:
-            return
-        pl_module.generator_stepped = False
-        for key, value in pl_module.student.state_dict().items():
-            target = self.shadow[key]
-            if trainer.global_step <= self.start_step:
-                target.copy_(value)
-            else:
-                target.lerp_(value.to(target.device, torch.float32), 1 - self.decay)
-
-    @torch.no_grad()
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.shadow is None or trainer.sanity_checking:
-            return
-        state = pl_module.student.state_dict()
-        self._backup = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-        for key, value in state.items():
-            value.copy_(self.shadow[key])
-
-    @torch.no_grad()
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._backup is None:
-            return
-        for key, value in pl_module.student.state_dict().items():
-            value.copy_(self._backup[key])
-        self._backup = None
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        if self.shadow is None:
-            return
-        raw = checkpoint["state_dict"]
-        checkpoint["current_model_state"] = raw
-        checkpoint["state_dict"] = {**raw, **{f"student.{k}": v for k, v in self.shadow.items()}}
-
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        ema = checkpoint.get(EMA_KEY)  # put there by DMD2Task.on_load_checkpoint
-        if ema is not None:
-            self.shadow = {k: v.detach().clone().float() for k, v in ema.items()}
+    if not 0 <= cfg.ema.decay < 1:
+        raise ValueError(f"distill.ema.decay={cfg.ema.decay}: use 0 (off) or a decay in (0, 1)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -579,9 +536,7 @@ __all__ = [
     "DiTScore",
     "DiscriminatorHead",
     "FeatureTap",
-    "StudentEMA",
     "latent_panel",
-    "role_optim",
     "stream_seed",
     "validate_distill",
 ]

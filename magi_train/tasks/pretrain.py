@@ -5,7 +5,6 @@ The LightningModule only wires the model and the pure functions of `magi_train.f
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from magi_train.flow import (
     velocity_target,
 )
 from magi_train.models.dit import DiT
+from magi_train.tasks.optim import build_optimizer
 
 
 def load_null_text(spec: str, text_dim: int) -> Tensor:
@@ -34,39 +34,15 @@ def load_null_text(spec: str, text_dim: int) -> Tensor:
         return torch.zeros(1, text_dim)
     path = Path(spec)
     if not path.is_file():
-        raise ValueError(f"flow.null_text={spec!r}: not 'null' and not an existing .npy file of [L, {text_dim}]")
+        raise ValueError(
+            f"flow.null_text={spec!r}: not 'null' and not an existing .npy file of [L, {text_dim}]"
+        )
     arr = np.load(path, allow_pickle=False)
     if arr.ndim != 2 or arr.shape[1] != text_dim or not 1 <= arr.shape[0] <= 640:
-        raise ValueError(f"flow.null_text {path}: expected [L<=640, {text_dim}] features, got {list(arr.shape)}")
+        raise ValueError(
+            f"flow.null_text {path}: expected [L<=640, {text_dim}] features, got {list(arr.shape)}"
+        )
     return torch.from_numpy(arr.astype(np.float32))
-
-
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, max_steps: int):
-    """AdamW without weight decay on norm weights and biases; linear warm-up, then constant/cosine.
-
-    Chosen by name, not by `ndim`: FSDP (use_orig_params) hands the optimizer flat 1-D shards of every matrix.
-    """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if "norm" in name or name.endswith("bias") else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-    )
-    if cfg.schedule not in ("constant", "cosine"):
-        raise ValueError(f"optim.schedule={cfg.schedule!r}: use 'constant' or 'cosine'")
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    return opt, sched
 
 
 class PretrainTask(L.LightningModule):
@@ -92,9 +68,9 @@ class PretrainTask(L.LightningModule):
     def flow_loss(self, batch: ClipBatch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """One flow-matching loss evaluation on a packed batch (also used for validation, seeded)."""
         f, n, dev = self.flow_cfg, len(batch), self.device
-        sigma = sample_sigma(
-            n, f.sigma_sampling, f.shift, f.sigma_mean, f.sigma_std, generator=generator
-        ).to(dev)
+        sigma = sample_sigma(n, f.sigma_sampling, f.shift, f.sigma_mean, f.sigma_std, generator=generator).to(
+            dev
+        )
         modes = sample_modes(n, f.mode_probs, generator=generator)
         drop = torch.rand(n, generator=generator) < f.text_drop_prob
         video_in, audio_in, v_target, a_target = [], [], [], []

@@ -27,7 +27,9 @@ def derive_lowres(video: Tensor, factor: int) -> Tensor:
     """[C, T, H, W] -> [C, T, H/f, W/f] by area averaging (time axis unchanged)."""
     c, t, h, w = video.shape
     if h % factor or w % factor:
-        raise ValueError(f"latent {h}x{w} is not divisible by sr_factor {factor}; add lowres.npy to the shards")
+        raise ValueError(
+            f"latent {h}x{w} is not divisible by sr_factor {factor}; add lowres.npy to the shards"
+        )
     return F.avg_pool3d(video[None], kernel_size=(1, factor, factor))[0]
 
 
@@ -56,5 +58,9 @@ class SuperResolutionTask(PretrainTask):
         pred_video, pred_audio = self.model(video_in, audio_in, text)
         loss = masked_mse(pred_video, targets)
         loss = loss + 0.0 * sum(p.sum() for p in pred_audio)  # audio head unused; keep it in the graph (DDP)
-        return {"loss": loss, "loss_video": loss, "loss_audio": torch.zeros((), device=loss.device),
-                "sigma_mean": sigma.mean()}
+        return {
+            "loss": loss,
+            "loss_video": loss,
+            "loss_audio": torch.zeros((), device=loss.device),
+            "sigma_mean": sigma.mean(),
+        }

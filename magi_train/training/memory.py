@@ -1,6 +1,6 @@
 """Per-GPU memory of DMD-2 model state (teacher + critic + student) under ZeRO-3 / FSDP full sharding.
 
-    python -m magi_train.training.memory [--model magihuman_15b] [--gpus 8 32 64] [--gpu-gib 79.65]
+    python -m magi_train.tools.plan [--model magihuman_15b] [--gpus 8 32 64] [--gpu-gib 79.65]
 
 Parameter counts come from the model config (the DiT built on the meta device). Counted, per parameter and
 divided evenly over the GPUs (full sharding of every role):
@@ -9,7 +9,7 @@ divided evenly over the GPUs (full sharding of every role):
   bf16 (2 B) and norms, adapter and heads in fp32 (4 B), the released base policy; with fp32 all 4 B;
 - critic and student (trainable, mixed precision as in DeepSpeed ZeRO-3 bf16): bf16 working weights 2 B
   + fp32 master weights 4 B + fp32 gradients 4 B + AdamW exp_avg and exp_avg_sq 8 B = 18 B;
-- student EMA: an fp32 copy, 4 B, sharded (or 0 with distill.ema_on_cpu=true).
+- student EMA: an fp32 copy, 4 B, sharded (or 0 with distill.ema.on_cpu=true).
 
 NOT counted: activations (they depend on clip size, packing and activation checkpointing), the transient
 unsharded layer that FSDP / ZeRO-3 all-gathers for each forward and backward (printed separately), the
@@ -18,13 +18,12 @@ optional GAN head (about 2 h^2 parameters), communication buckets, the CUDA cont
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
 
 from magi_train.models.checkpoint import released_dtype
-from magi_train.models.dit import MODEL_CONFIGS, DiT, DiTConfig
+from magi_train.models.dit import DiT, DiTConfig
 
 GIB = 2**30
 H100_GIB = 81559 / 1024  # H100 80GB: nvidia-smi reports 81,559 MiB of memory (79.65 GiB)
@@ -96,14 +95,16 @@ def memory_table(
     for n in gpus:
         if n < 1:
             raise ValueError(f"GPU count must be >= 1, got {n}")
-        rows.append(MemoryRow(
-            gpus=n,
-            teacher=teacher_bytes(params, teacher_dtype) / n / GIB,
-            critic=trainable_bytes(params) / n / GIB,
-            student=trainable_bytes(params) / n / GIB,
-            ema=(4 * params.total / n / GIB) if ema_on_gpu else 0.0,
-            gather=2 * 2 * params.largest_layer / GIB,
-        ))
+        rows.append(
+            MemoryRow(
+                gpus=n,
+                teacher=teacher_bytes(params, teacher_dtype) / n / GIB,
+                critic=trainable_bytes(params) / n / GIB,
+                student=trainable_bytes(params) / n / GIB,
+                ema=(4 * params.total / n / GIB) if ema_on_gpu else 0.0,
+                gather=2 * 2 * params.largest_layer / GIB,
+            )
+        )
     return rows
 
 
@@ -120,23 +121,3 @@ def format_table(rows: list[MemoryRow], gpu_gib: float = H100_GIB) -> str:
             f"| {gpu_gib - r.total:.2f} | {r.gather:.2f} |"
         )
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="magihuman_15b", choices=sorted(MODEL_CONFIGS))
-    ap.add_argument("--gpus", type=int, nargs="+", default=[8, 32, 64])
-    ap.add_argument("--teacher-dtype", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--ema-on-cpu", action="store_true", help="keep the student EMA off the GPUs")
-    ap.add_argument("--gpu-gib", type=float, default=H100_GIB, help="memory of one GPU in GiB (H100 80GB)")
-    args = ap.parse_args(argv)
-    params = role_parameters(MODEL_CONFIGS[args.model])
-    per = ", ".join(f"{k} {v} B" for k, v in TRAINABLE_BYTES.items())
-    print(f"model {args.model}: {params.total:,} parameters per role ({params.block_linear:,} in block linears)")
-    print(f"teacher {args.teacher_dtype} (frozen); critic and student trainable: {per}; EMA fp32 4 B")
-    print("model state only, activations excluded; every role fully sharded over all GPUs\n")
-    print(format_table(memory_table(params, tuple(args.gpus), args.teacher_dtype, not args.ema_on_cpu), args.gpu_gib))
-
-
-if __name__ == "__main__":
-    main()

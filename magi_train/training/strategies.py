@@ -19,7 +19,7 @@ from torch import nn
 from magi_train.config import StrategyConfig
 from magi_train.models.dit import ModalityLinear, TransformerLayer
 
-STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3")
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3")
 # Strategies whose parameters or optimizer states are split across ranks: their checkpoints are directories
 # of per-rank shards (FSDP with state_dict_type=full: one file) that `python -m magi_train.tools.consolidate`
 # turns into one state dict.
@@ -46,7 +46,7 @@ def build_strategy(
             f"not {name}"
         )
     options = dict(cfg.options)
-    if name in ("auto", "ddp_spawn"):
+    if name == "auto":
         if options:
             raise ValueError(f"strategy={name} takes no options, got {sorted(options)}")
         return name

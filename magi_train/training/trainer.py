@@ -1,37 +1,22 @@
-"""Build a Lightning Trainer from the resolved config and run a training recipe (pretrain_base)."""
+"""The Lightning Trainer of every training recipe, built from narrow config nodes: strategy, precision, loggers,
+checkpoints (with the run's config inside), EMA and gradient clipping."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from omegaconf import DictConfig, OmegaConf
 
-from magi_train.config import (
-    DataConfig,
-    FlowConfig,
-    LoggerConfig,
-    OptimConfig,
-    SRConfig,
-    StrategyConfig,
-    TrainerConfig,
-)
+from magi_train.config import EMAConfig, LoggerConfig, StrategyConfig, TrainerConfig
+from magi_train.tasks.ema import EMA
 from magi_train.training.csv_log import RunCSVLogger
-from magi_train.data.datamodule import ClipDataModule
-from magi_train.models.dit import DiT, DiTConfig
-from magi_train.models.parallelize import parallelize
-from magi_train.training.strategies import strategy_applies_activation_checkpointing
-from magi_train.tasks.pretrain import PretrainTask
-from magi_train.tasks.super_resolution import SuperResolutionTask
-from magi_train.models.weights import load_dit_weights
-
-log = logging.getLogger(__name__)
+from magi_train.training.progress import StepProgressBar
+from magi_train.training.strategies import SHARDED, build_strategy
 
 
 class ConfigInCheckpoint(Callback):
@@ -42,14 +27,6 @@ class ConfigInCheckpoint(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["magi_config"] = self.resolved
-
-
-def to_dataclass(node: DictConfig, cls: type):
-    """A narrow typed config object for a builder (only the entry point sees the root config)."""
-    obj = OmegaConf.to_object(node)  # resolves interpolations against the root, returns the schema class
-    if not isinstance(obj, cls):
-        raise TypeError(f"config node {node._key()} is {type(obj).__name__}, expected {cls.__name__}")
-    return obj
 
 
 def resolve_precision(precision: str) -> str:
@@ -71,164 +48,81 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, resolved: dict[str, Any]) ->
                 project=cfg.project, entity=cfg.entity, name=cfg.name, group=cfg.group, tags=list(cfg.tags),
                 save_dir=str(run_dir), offline=cfg.mode == "offline", config=resolved,
             )
-        )
+        )  # fmt: skip
     return loggers
 
 
-def build_strategy(cfg: DictConfig, precision: str = "32-true", activation_checkpointing: bool = False):
-    """The Lightning strategy of `configs/strategy/` (see magi_train/training/strategies.py)."""
-    from magi_train.training.strategies import build_strategy as _build
-
-    return _build(to_dataclass(cfg, StrategyConfig), precision, activation_checkpointing)
-
-
-def check_ema_strategy(cfg: DictConfig) -> None:
+def check_ema_strategy(ema: EMAConfig | None, strategy: StrategyConfig) -> None:
     """Lightning's EMA callback copies whole parameters: it cannot follow sharded ones, nor save with DeepSpeed."""
-    from magi_train.training.strategies import SHARDED
-
-    if cfg.optim.ema_decay > 0 and cfg.strategy.name in SHARDED:
+    if ema is not None and ema.decay > 0 and strategy.name in SHARDED:
         raise ValueError(
-            f"optim.ema_decay={cfg.optim.ema_decay} (EMA) is not supported with strategy={cfg.strategy.name}: "
-            "set optim.ema_decay=0, or train with strategy=ddp"
+            f"ema.decay={ema.decay} (EMA) is not supported with strategy={strategy.name}: set ema.decay=0, or "
+            "train with strategy=ddp"
         )
 
 
-class EMA(EMAWeightAveraging):
-    """Lightning's EMA, except that the live model keeps its raw weights when training ends.
+def build_trainer(
+    trainer: TrainerConfig,
+    strategy: StrategyConfig,
+    logger: LoggerConfig,
+    run_dir: Path,
+    callbacks: list[Callback],
+    *,
+    resolved: dict[str, Any],
+    grad_clip: float = 0.0,
+    ema: EMAConfig | None = None,
+    accumulate_grad_batches: int | None = None,
+    validate: bool = True,
+    activation_checkpointing: bool = False,
+) -> L.Trainer:
+    """A Lightning Trainer for one run.
 
-    Lightning copies the average into the model in `on_train_end`, and ModelCheckpoint writes `last.ckpt` after
-    that (checkpoint callbacks run last), so a run stopping between checkpoint steps would save the EMA weights
-    as `current_model_state` and resume from them. Checkpoints already carry the EMA in `state_dict`.
+    resolved: the root config, stored in every checkpoint. grad_clip: max global grad norm of automatic
+    optimisation (0 = off; manual-optimisation tasks clip per role themselves). ema: EMA of the trained weights
+    (None or decay 0 = off). accumulate_grad_batches: None = trainer.accumulate_grad_batches (a task that
+    accumulates itself passes 1). validate: the data has a validation split. activation_checkpointing: for the
+    strategies that apply it themselves (FSDP).
     """
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pass
-
-
-def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[Callback], resolved: dict) -> L.Trainer:
-    t: TrainerConfig = to_dataclass(cfg.trainer, TrainerConfig)
+    check_ema_strategy(ema, strategy)
     callbacks = callbacks + [
         ModelCheckpoint(
-            dirpath=run_dir / "checkpoints", every_n_train_steps=t.checkpoint_every_n_steps, save_last=True,
+            dirpath=run_dir / "checkpoints", every_n_train_steps=trainer.checkpoint_every_n_steps, save_last=True,
             save_top_k=1, monitor=None, filename="step{step:08d}", auto_insert_metric_name=False,
         ),
         LearningRateMonitor(logging_interval="step"),
         ConfigInCheckpoint(resolved),
-    ]
-    check_ema_strategy(cfg)
-    if cfg.optim.ema_decay > 0:
+    ]  # fmt: skip
+    if ema is not None and ema.decay > 0:
+        start = ema.start_step or None
         callbacks.append(
-            EMA(decay=cfg.optim.ema_decay, device="cpu" if cfg.optim.ema_on_cpu else None)
+            EMA(decay=ema.decay, device="cpu" if ema.on_cpu else None, update_starting_at_step=start)
         )
-    precision = resolve_precision(t.precision)
-    plugins = [SLURMEnvironment(auto_requeue=t.slurm_requeue)] if SLURMEnvironment.detect() else None
+    if trainer.enable_progress_bar:
+        callbacks.append(StepProgressBar())  # the step out of max_steps (Lightning's bar shows epochs)
+    precision = resolve_precision(trainer.precision)
+    plugins = [SLURMEnvironment(auto_requeue=trainer.slurm_requeue)] if SLURMEnvironment.detect() else None
+    accumulate = (
+        trainer.accumulate_grad_batches if accumulate_grad_batches is None else accumulate_grad_batches
+    )
     return L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=build_strategy(cfg.strategy, precision, cfg.model.activation_checkpointing),
+        accelerator=trainer.accelerator,
+        devices=trainer.devices,
+        num_nodes=trainer.num_nodes,
+        strategy=build_strategy(strategy, precision, activation_checkpointing),
         precision=precision,
         plugins=plugins,
-        max_steps=t.max_steps,
+        max_steps=trainer.max_steps,
         max_epochs=-1,
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=cfg.optim.grad_clip or None,
-        log_every_n_steps=t.log_every_n_steps,
-        val_check_interval=t.val_check_interval,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=grad_clip or None,
+        log_every_n_steps=trainer.log_every_n_steps,
+        val_check_interval=trainer.val_check_interval,
         check_val_every_n_epoch=None,
-        limit_val_batches=t.limit_val_batches if cfg.data.val_shards and t.val_check_interval else 0,
+        limit_val_batches=trainer.limit_val_batches if validate and trainer.val_check_interval else 0,
         num_sanity_val_steps=0,
-        enable_progress_bar=t.enable_progress_bar,
-        deterministic=t.deterministic,
+        enable_progress_bar=trainer.enable_progress_bar,
+        deterministic=trainer.deterministic,
         default_root_dir=str(run_dir),
-        logger=build_loggers(to_dataclass(cfg.logger, LoggerConfig), run_dir, resolved),
+        logger=build_loggers(logger, run_dir, resolved),
         callbacks=callbacks,
     )
-
-
-def _written_at(path: Path) -> float:
-    """Last write time of a checkpoint file, or of the newest file in a sharded checkpoint directory."""
-    if path.is_dir():
-        return max((f.stat().st_mtime for f in path.rglob("*") if f.is_file()), default=path.stat().st_mtime)
-    return path.stat().st_mtime
-
-
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The latest of <run_dir>/checkpoints/last*.ckpt and the preemption checkpoints <run_dir>/hpc_ckpt_N.ckpt.
-
-    A checkpoint is a file, or a directory for sharded strategies (DeepSpeed, FSDP state_dict_type=sharded).
-    Lightning writes last-v1.ckpt, ... beside last.ckpt when a resumed run's checkpoint settings changed.
-    """
-    found = [*(run_dir / "checkpoints").glob("last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
-    return max(found, key=_written_at, default=None)
-
-
-def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """ckpt_path, else with resume=true the newest checkpoint of the run directory.
-
-    A requeued Slurm job (Lightning detects Slurm; trainer.slurm_requeue) resumes from the newest
-    checkpoint of its run directory without flags, as Lightning's own auto-requeue does, but never from a
-    preemption checkpoint that a later last.ckpt has superseded.
-    """
-    if cfg.ckpt_path:
-        if not Path(cfg.ckpt_path).exists():
-            raise ValueError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        return cfg.ckpt_path
-    newest = newest_checkpoint(run_dir)
-    if cfg.resume:
-        if newest is None:
-            raise ValueError(
-                f"resume=true but {run_dir} holds no checkpoints/last.ckpt nor hpc_ckpt_*.ckpt: "
-                "pass hydra.run.dir=<the run's directory>"
-            )
-        return str(newest)
-    if newest is not None and cfg.trainer.slurm_requeue and SLURMEnvironment.detect():
-        log.info("Slurm job with checkpoints in its run directory (requeued): resuming from %s", newest)
-        return str(newest)
-    return None
-
-
-def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
-    """Train the base DiT (task pretrain) or the latent SR DiT (task pretrain_sr) by flow matching."""
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    model_cfg: DiTConfig = to_dataclass(cfg.model, DiTConfig)
-    model_cfg.validate()
-
-    if cfg.dry_run:
-        with torch.device("meta"):
-            model = DiT(model_cfg)
-        n = model.num_parameters()
-        print(f"parameters: {n:,}")
-        return {"parameters": n}
-
-    L.seed_everything(cfg.seed, workers=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-    datamodule = ClipDataModule(to_dataclass(cfg.data, DataConfig))
-    ckpt_path = find_resume_checkpoint(cfg, run_dir)
-    model = DiT(model_cfg)
-    if cfg.init_from and ckpt_path is None:  # a resumed run takes its weights from the checkpoint
-        load_dit_weights(model, cfg.init_from, "init_from")
-    print(f"parameters: {model.num_parameters():,}")
-    # FSDP applies activation checkpointing itself, after wrapping (magi_train/training/strategies.py)
-    own_ac = not strategy_applies_activation_checkpointing(cfg.strategy.name)
-    model = parallelize(model, model_cfg.activation_checkpointing and own_ac, model_cfg.compile)
-    common = dict(
-        flow_cfg=to_dataclass(cfg.flow, FlowConfig), optim_cfg=to_dataclass(cfg.optim, OptimConfig),
-        max_steps=cfg.trainer.max_steps, text_dim=cfg.data.text_dim, seed=cfg.seed,
-    )
-    if cfg.task == "pretrain_sr":
-        sr: SRConfig = to_dataclass(cfg.sr, SRConfig)
-        task = SuperResolutionTask(model, sr_alpha=sr.alpha, sr_audio_noise=sr.audio_noise_scale,
-                                   sr_factor=sr.lowres_factor, **common)
-    else:
-        task = PretrainTask(model, **common)
-    from magi_train.eval.callback import eval_callbacks  # sample + score a suite every eval.every_n_steps
-
-    if cfg.task == "pretrain_sr" and cfg.eval.every_n_steps > 0:
-        raise ValueError("eval.every_n_steps samples a base model; the SR model needs a base model's output to "
-                         "upsample: evaluate SR checkpoints with recipe=evaluate (generate.sr_ckpt) instead")
-    trainer = build_trainer(cfg, run_dir, eval_callbacks(cfg), resolved)
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
-    return {"global_step": trainer.global_step, "run_dir": str(run_dir)}

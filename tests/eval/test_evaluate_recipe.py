@@ -141,27 +141,51 @@ def test_suite_files_and_errors(tmp_path):
         load_suite(tmp_path / "missing.jsonl")
 
 
+def test_shared_setup_of_runner_and_callback(tmp_path):
+    from magi_train.config import EvalConfig, EvalSuiteConfig, GenerateConfig
+    from magi_train.eval.runner import generate_config, prompt_config, replace_config
+    from magi_train.eval.suite import SuitePrompt
+
+    gen = GenerateConfig(seconds=4.0, seed=42, steps=32)
+    ecfg = EvalConfig(generate_overrides={"steps": 8, "guidance": {"video_scale": 3.0}})
+    out = generate_config(ecfg, gen)
+    assert (out.steps, out.guidance.video_scale, out.guidance.audio_scale) == (8, 3.0, 5.0)
+    with pytest.raises(ValueError, match=r"eval.generate_overrides.guidance: unknown keys \['scale'\]"):
+        generate_config(EvalConfig(generate_overrides={"guidance": {"scale": 1}}), gen)
+    with pytest.raises(ValueError, match=r"eval.models.x: unknown keys \['stepz'\]"):
+        replace_config(gen, {"stepz": 1}, "eval.models.x")
+    ecfg = EvalConfig(suite=EvalSuiteConfig(seconds=1.0))
+    own = prompt_config(
+        gen, SuitePrompt("a", "hi", seconds=2.0, seed=7), ecfg.suite.seconds, tmp_path / "a.mp4"
+    )
+    assert (own.prompt, own.seconds, own.seed, own.output) == ("hi", 2.0, 7, str(tmp_path / "a.mp4"))
+    suite = prompt_config(gen, SuitePrompt("b", "yo"), ecfg.suite.seconds, "b.mp4")
+    assert (suite.seconds, suite.seed) == (1.0, 42)  # the suite's length, generate's seed
+    assert prompt_config(gen, SuitePrompt("c", "x"), None, "c.mp4").seconds == 4.0
+
+
 def test_training_callback_samples_scores_and_logs(compose, smoke, tmp_path):
     import lightning as L
     import torch
     from lightning.pytorch.loggers import CSVLogger
-    from omegaconf import OmegaConf
 
+    from magi_train.config import DistillConfig, EvalConfig, GenerateConfig, narrow
     from magi_train.eval.callback import EvalCallback, eval_callbacks
-    from magi_train.models.dit import DiT
+    from magi_train.models.dit import DiT, DiTConfig
 
     cfg = compose(["recipe=pretrain_base", "experiment=smoke", f"run_dir={tmp_path}", "eval.every_n_steps=2",
                    "eval.callback_prompts=1", f"generate.codecs_dir={smoke['codecs']}", "generate.width=32",
                    "generate.height=32", "generate.seconds=0.2", "generate.steps=2", "generate.cfg=false",
                    "eval.bootstrap_resamples=100"])  # fmt: skip
-    (callback,) = eval_callbacks(cfg)
+    eval_cfg, gen_cfg = narrow(cfg.eval, EvalConfig), narrow(cfg.generate, GenerateConfig)
+    (callback,) = eval_callbacks(eval_cfg, gen_cfg, tmp_path)
     assert isinstance(callback, EvalCallback) and [p.id for p in callback.prompts] == ["en_kitchen"]
-    assert eval_callbacks(compose(["recipe=pretrain_base"])) == []
+    assert eval_callbacks(EvalConfig(), gen_cfg, tmp_path) == []
 
     class Toy(L.LightningModule):
         def __init__(self):
             super().__init__()
-            self.model = DiT(OmegaConf.to_object(cfg.model))
+            self.model = DiT(narrow(cfg.model, DiTConfig))
 
         def training_step(self, batch, _):
             return sum(p.sum() for p in self.model.parameters()) * 0.0 + batch.sum() * 0.0
@@ -183,16 +207,17 @@ def test_training_callback_samples_scores_and_logs(compose, smoke, tmp_path):
     settings = json.loads((tmp_path / "eval_callback/step00000004/en_kitchen.json").read_text())
     assert "unipc" in json.dumps(settings)  # the pretraining model: UniPC
 
-    class Distilled(Toy):  # a dmd2 task samples its student with the distilled sampler
+    class Distilled(Toy):  # a dmd2 task samples its student with the distilled sampler, at its own steps
         def __init__(self):
             super().__init__()
             self.student = self.model
+            self.cfg = DistillConfig(num_student_steps=2)
 
-    callback = eval_callbacks(cfg)[0]
     run_dir = tmp_path / "distilled"
-    callback.out_dir = run_dir
+    (callback,) = eval_callbacks(eval_cfg, gen_cfg, run_dir)
     L.Trainer(max_steps=2, accelerator="cpu", logger=False, callbacks=[callback], enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False).fit(
         Distilled(), torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=1))  # fmt: skip
     settings = json.loads(next(run_dir.rglob("en_kitchen.json")).read_text())
-    assert "distilled" in json.dumps(settings) and "unipc" not in json.dumps(settings)
+    assert settings["sampler"] == "distilled-2" and settings["base"]["settings_from"]["steps"] == "checkpoint"
+    assert settings["base"]["checkpoint"]["source"] == "training"

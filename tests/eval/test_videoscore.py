@@ -7,12 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures.tiny_models import (
-    build_tiny_model,
-    build_tiny_tokenizer,
-    torchvision_available,
-    write_tiny_videoscore2,
-)
 from magi_train.eval.videoscore import (
     ProxyScorer,
     VideoScore2Scorer,
@@ -20,6 +14,12 @@ from magi_train.eval.videoscore import (
     parse_scores,
     query_messages,
     soft_score,
+)
+from tests.fixtures.tiny_models import (
+    build_tiny_model,
+    build_tiny_tokenizer,
+    torchvision_available,
+    write_tiny_videoscore2,
 )
 
 # The authors' regex (TIGER-AI-Lab/VideoScore2 eval/eval_vs2.py), to show which answers it misses.

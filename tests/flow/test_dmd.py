@@ -11,7 +11,7 @@ from torch import nn
 
 from magi_train.flow import dmd
 from magi_train.flow.matching import shift_sigma
-from magi_train.flow.sampling import Guidance, released_sigmas
+from magi_train.flow.sampling import Guidance, released_sigmas, sample_distilled
 
 # spec/dmd2.md §4 (MH 8-step row): shift-5 warp of linspace(1, 0, 9)[:-1], rounded to 4 digits
 SPEC_STUDENT_8 = [1.0, 0.9722, 0.9375, 0.8929, 0.8333, 0.75, 0.625, 0.4167]
@@ -126,7 +126,10 @@ def test_dmd_loss_gradient_is_weighted_g_over_numel():
 
 def test_dmd_loss_gradient_on_clip_lists_is_token_weighted():
     gen = torch.Generator().manual_seed(0)
-    clips = [torch.randn(2, 3, generator=gen).requires_grad_(True), torch.randn(4, 3, generator=gen).requires_grad_(True)]
+    clips = [
+        torch.randn(2, 3, generator=gen).requires_grad_(True),
+        torch.randn(4, 3, generator=gen).requires_grad_(True),
+    ]
     g = [torch.randn(2, 3, generator=gen), torch.randn(4, 3, generator=gen)]
     dmd.dmd_loss([clips], [g]).backward()
     for c, gi in zip(clips, g, strict=True):
@@ -200,6 +203,16 @@ def test_released_guidance_scales():
     torch.testing.assert_close(scales[1], 2.0 + sigma)
     with pytest.raises(ValueError, match="one scale per modality"):
         dmd.guidance_scales([2.0], sigma, 2)
+
+
+@pytest.mark.parametrize("t", [500, 501, 499, 833])
+def test_dmd_and_unipc_guidance_agree_at_the_switch(t):
+    # UniPC reads the scheduler timestep t, DMD the level sigma = t / 1000: the same rule, strict >
+    g = Guidance(switch_t=500)
+    video, audio = dmd.guidance_scales(g, torch.tensor([t / 1000]), 2)
+    unipc_video, unipc_audio = g.scales(torch.tensor(t))
+    assert float(video) == float(unipc_video) == (5.0 if t > 500 else 2.0)
+    assert float(audio) == float(unipc_audio) == 5.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,6 +326,29 @@ def test_simulate_to_step_runs_the_re_noising_chain():
         dmd.simulate_to_step(model, noise, 5, sigmas, None)
 
 
+def test_simulate_to_the_end_is_the_distilled_sampler():
+    """Backward simulation and the released sampler are one chain: same noise stream, same sample."""
+    gen = torch.Generator().manual_seed(0)
+    video = [torch.randn(48, 2, 2, 2, generator=gen), torch.randn(48, 3, 2, 2, generator=gen)]
+    audio = [torch.randn(5, 64, generator=gen), torch.randn(9, 64, generator=gen)]
+    text = [torch.ones(2, 8), -torch.ones(3, 8)]
+
+    def denoiser(video, audio, text):  # the sampler's interface: (video, audio, text) -> (v, a)
+        return (
+            [torch.tanh(v) + t.mean() for v, t in zip(video, text, strict=True)],
+            [0.5 * a - t.mean() for a, t in zip(audio, text, strict=True)],
+        )
+
+    def score(xs, sigma, cond):  # the same model as a DMD score model (timestep-free: sigma unused)
+        return list(denoiser(xs[0], xs[1], cond))
+
+    ref = sample_distilled(denoiser, video, audio, text, 8, generator=torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    out = dmd.simulate_to_step(score, [video, audio], 8, dmd.student_sigmas(8), text, gen)
+    for a, b in zip(out[0] + out[1], ref[0] + ref[1], strict=True):
+        assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------------------------------------
 # which parameters receive gradients
 
@@ -332,8 +368,16 @@ def test_only_the_right_parameters_receive_gradients():
     x_g = dmd.student_x0(student, x_k, sigmas[k], cond)
 
     # generator phase (teacher and critic still have requires_grad=True: the functions must not leak)
-    out = dmd.dmd_generator_loss(x_g, teacher, critic, dmd.sample_score_sigma(4, generator=gen), cond, uncond,
-                                 Guidance(), generator=gen)
+    out = dmd.dmd_generator_loss(
+        x_g,
+        teacher,
+        critic,
+        dmd.sample_score_sigma(4, generator=gen),
+        cond,
+        uncond,
+        Guidance(),
+        generator=gen,
+    )
     out.loss.backward()
     assert all(g is not None and g.abs().sum() > 0 for g in _grads(student))
     assert all(g is None for g in _grads(critic) + _grads(teacher))
@@ -363,8 +407,10 @@ def test_critic_loss_is_flow_matching_on_the_given_sigma():
         torch.testing.assert_close(x, (1 - sigma.view(-1, 1)) * x0.detach() + sigma.view(-1, 1) * e)
         assert not x.requires_grad
     v = critic(seen["x"], sigma, cond)
-    expected = sum(w * (vm - (e - x0.detach())).pow(2).mean() for vm, e, x0, w in zip(v, eps, x_g, [1.0, 0.5],
-                                                                                       strict=True))
+    expected = sum(
+        w * (vm - (e - x0.detach())).pow(2).mean()
+        for vm, e, x0, w in zip(v, eps, x_g, [1.0, 0.5], strict=True)
+    )
     torch.testing.assert_close(loss, expected)
 
 

@@ -8,7 +8,9 @@ import torch
 from magi_train.flow import (
     Mode,
     add_noise,
+    condition_velocities,
     drop_text,
+    impose_conditions,
     joint_flow_loss,
     noise_clip,
     sample_modes,
@@ -73,13 +75,43 @@ def test_i2v_keeps_clean_first_frame_and_no_loss_on_it():
 
 def test_a2v_clean_audio_and_no_audio_loss():
     video, audio = torch.randn(48, 2, 2, 2), torch.randn(5, 64)
-    vi, ai, _ = noise_clip(video, audio, torch.tensor(0.5), torch.randn_like(video), torch.randn_like(audio), Mode.A2V)
+    vi, ai, _ = noise_clip(
+        video, audio, torch.tensor(0.5), torch.randn_like(video), torch.randn_like(audio), Mode.A2V
+    )
     assert torch.equal(ai, audio)
     pv, tv = torch.zeros_like(video), torch.zeros_like(video)
     out = joint_flow_loss([pv], [torch.ones(5, 64)], [tv], [torch.zeros(5, 64)], [Mode.A2V])
     assert out["loss_audio"].item() == 0.0 and out["loss"].item() == 0.0
     out = joint_flow_loss([pv], [torch.ones(5, 64)], [tv], [torch.zeros(5, 64)], [Mode.T2V])
     assert out["loss_audio"].item() == 1.0
+
+
+def test_impose_conditions_replaces_only_conditioned_clips():
+    video = [torch.randn(48, 3, 2, 2) for _ in range(3)]
+    audio = [torch.randn(5, 64) for _ in range(3)]
+    first, clean = torch.randn(48, 1, 2, 2), torch.randn(5, 64)
+    v_in, a_in = impose_conditions(video, audio, [None, first, None], [None, None, clean])
+    assert v_in is not video and a_in is not audio  # new lists; the inputs are not modified
+    assert all(v_in[i] is video[i] for i in (0, 2)) and all(a_in[i] is audio[i] for i in (0, 1))
+    assert torch.equal(v_in[1][:, :1], first) and torch.equal(v_in[1][:, 1:], video[1][:, 1:])
+    assert torch.equal(a_in[2], clean)
+    v_none, a_none = impose_conditions(video, audio, None, None)  # t2v: nothing replaced
+    assert all(x is y for x, y in zip(v_none + a_none, video + audio, strict=True))
+    with pytest.raises(ValueError, match="one \\(or None\\) per clip"):
+        impose_conditions(video, audio, [first], None)
+
+
+def test_condition_velocities_give_the_condition_as_x0():
+    video, audio = [torch.randn(48, 3, 2, 2) for _ in range(2)], [torch.randn(5, 64) for _ in range(2)]
+    first, clean = torch.randn(48, 1, 2, 2), torch.randn(5, 64)
+    sigma = torch.tensor([0.3, 0.8])
+    first_v, audio_v = condition_velocities(video, audio, [first, None], [None, clean], sigma)
+    assert first_v[1] is None and audio_v[0] is None
+    zeros_v, zeros_a = [torch.zeros_like(x) for x in video], [torch.zeros_like(x) for x in audio]
+    v, a = impose_conditions(zeros_v, zeros_a, first_v, audio_v)
+    torch.testing.assert_close(x0_from_velocity(video[0], v[0], sigma[0])[:, :1], first)
+    torch.testing.assert_close(x0_from_velocity(audio[1], a[1], sigma[1]), clean)
+    assert not v[0][:, 1:].any() and not a[0].any() and not v[1].any()  # elsewhere the model's output stays
 
 
 def test_modality_weights_and_token_weighting():

@@ -3,19 +3,54 @@
 import pytest
 import torch
 
+from magi_train.flow import sampling
 from magi_train.flow.sampling import (
     Guidance,
     cfg_combine,
+    fresh_noise,
     make_unipc,
     released_sigmas,
+    renoise_chain,
     sample_distilled,
     sample_unipc,
 )
 
 # spec/released-model.md §4.4
 SPEC_T = {
-    32: [999, 993, 986, 979, 972, 964, 955, 946, 937, 927, 916, 904, 892, 879, 865, 849, 833,
-         814, 795, 773, 749, 723, 694, 661, 624, 583, 535, 480, 416, 340, 249, 138],
+    32: [
+        999,
+        993,
+        986,
+        979,
+        972,
+        964,
+        955,
+        946,
+        937,
+        927,
+        916,
+        904,
+        892,
+        879,
+        865,
+        849,
+        833,
+        814,
+        795,
+        773,
+        749,
+        723,
+        694,
+        661,
+        624,
+        583,
+        535,
+        480,
+        416,
+        340,
+        249,
+        138,
+    ],
     8: [999, 972, 937, 892, 833, 749, 624, 416],
     5: [999, 952, 882, 768, 555],
 }
@@ -42,10 +77,30 @@ def test_cfg_noop_and_convention():
 
 def test_video_scale_switches_at_500():
     g = Guidance()
-    assert g.video_scale_at(501) == 5.0 and g.video_scale_at(500) == 2.0 and g.video_scale_at(138) == 2.0
+    video, audio = g.scales(torch.tensor([501, 500, 138]))
+    assert video.tolist() == [5.0, 2.0, 2.0] and audio.tolist() == [5.0] * 3
     # in the 32-step schedule the first 27 steps use 5.0 and the last 5 use 2.0 (spec §4.5)
-    scales = [g.video_scale_at(t) for t in SPEC_T[32]]
-    assert scales == [5.0] * 27 + [2.0] * 5
+    video, _ = g.scales(torch.tensor(SPEC_T[32]))
+    assert video.tolist() == [5.0] * 27 + [2.0] * 5
+
+
+def test_unipc_uses_the_guidance_schedule_per_step(monkeypatch):
+    seen = []
+
+    def model(video, audio, text):
+        off = float(text[0].mean())
+        return [v * 0 + off for v in video], [a * 0 + off for a in audio]
+
+    def spy(c, u, w):
+        seen.append(w)
+        return cfg_combine(c, u, w)
+
+    monkeypatch.setattr(sampling, "cfg_combine", spy)
+    video, audio = _noise()
+    g = Guidance(video_scale=7.0, video_scale_late=3.0, switch_t=833, audio_scale=4.0)
+    sample_unipc(model, video, audio, [torch.ones(1, 8)], [torch.zeros(1, 8)], num_steps=8, guidance=g)
+    # per step: video scale then audio scale; t = 833 is not > 833, so the switch happens there (strict >)
+    assert seen[0::2] == [7.0] * 4 + [3.0] * 4 and seen[1::2] == [4.0] * 8
 
 
 class _Recorder:
@@ -57,7 +112,9 @@ class _Recorder:
     def __call__(self, video, audio, text):
         self.calls.append([t.mean().item() for t in text])
         shift = [t.mean() for t in text]
-        return [v * 0.1 + s for v, s in zip(video, shift, strict=True)], [a * 0.1 + s for a, s in zip(audio, shift, strict=True)]
+        return [v * 0.1 + s for v, s in zip(video, shift, strict=True)], [
+            a * 0.1 + s for a, s in zip(audio, shift, strict=True)
+        ]
 
 
 def _noise(seed=0):
@@ -83,11 +140,20 @@ def test_i2v_first_frame_bit_identical_and_a2v_audio_fixed(sampler):
     clean = torch.randn(9, 64)
     text = [torch.ones(3, 8)]
     if sampler == "unipc":
-        out_v, out_a = sample_unipc(_Recorder(), video, audio, text, None, 5, first_frames=[first],
-                                    clean_audio=[clean])
+        out_v, out_a = sample_unipc(
+            _Recorder(), video, audio, text, None, 5, first_frames=[first], clean_audio=[clean]
+        )
     else:
-        out_v, out_a = sample_distilled(_Recorder(), video, audio, text, 8, first_frames=[first],
-                                        clean_audio=[clean], generator=torch.Generator().manual_seed(0))
+        out_v, out_a = sample_distilled(
+            _Recorder(),
+            video,
+            audio,
+            text,
+            8,
+            first_frames=[first],
+            clean_audio=[clean],
+            generator=torch.Generator().manual_seed(0),
+        )
     assert torch.equal(out_v[0][:, :1], first)
     assert torch.equal(out_a[0], clean)
     assert not torch.equal(out_v[0][:, 1:], video[0][:, 1:])
@@ -96,8 +162,10 @@ def test_i2v_first_frame_bit_identical_and_a2v_audio_fixed(sampler):
 def test_distilled_sampler_is_seeded():
     video, audio = _noise()
     text = [torch.ones(3, 8)]
-    runs = [sample_distilled(_Recorder(), video, audio, text, generator=torch.Generator().manual_seed(7))
-            for _ in range(2)]
+    runs = [
+        sample_distilled(_Recorder(), video, audio, text, generator=torch.Generator().manual_seed(7))
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0][0][0], runs[1][0][0]) and torch.equal(runs[0][1][0], runs[1][1][0])
     other = sample_distilled(_Recorder(), video, audio, text, generator=torch.Generator().manual_seed(8))
     assert not torch.equal(other[0][0], runs[0][0][0])
@@ -114,6 +182,67 @@ def test_distilled_sampler_recovers_x0_of_an_exact_denoiser():
         step["i"] += 1
         return [(video[0] - x0_v) / s], [(audio[0] - x0_a) / s]
 
-    out_v, out_a = sample_distilled(oracle, [torch.randn_like(x0_v)], [torch.randn_like(x0_a)], [torch.ones(1, 8)])
+    out_v, out_a = sample_distilled(
+        oracle, [torch.randn_like(x0_v)], [torch.randn_like(x0_a)], [torch.ones(1, 8)]
+    )
     torch.testing.assert_close(out_v[0], x0_v, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_a[0], x0_a, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# the re-noising chain shared by the distilled sampler and DMD-2's backward simulation
+
+
+def test_fresh_noise_draws_clip_by_clip_video_then_audio():
+    # [video clips, audio clips]; expected draw order v0, a0, v1, a1 (spec §4.8)
+    x = [[torch.zeros(2, 3), torch.zeros(4)], [torch.zeros(5), torch.zeros(1, 2)]]
+    eps = fresh_noise(x, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    expected = [torch.randn(s, generator=g) for s in [(2, 3), (5,), (4,), (1, 2)]]
+    for got, want in zip([eps[0][0], eps[1][0], eps[0][1], eps[1][1]], expected, strict=True):
+        assert torch.equal(got, want)
+    batched = fresh_noise([torch.zeros(3, 2), torch.zeros(3, 1)], torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(batched[0], torch.randn(3, 2, generator=g))
+    assert torch.equal(batched[1], torch.randn(3, 1, generator=g))
+    assert fresh_noise([torch.zeros(2, dtype=torch.bfloat16)])[0].dtype == torch.float32  # fp32, as released
+    with pytest.raises(ValueError, match="one layout"):
+        fresh_noise([torch.zeros(2, 1), [torch.zeros(1)]])
+
+
+def test_sample_distilled_is_the_chain_with_the_released_draw_order():
+    # the loop as the release writes it (step_ddim): one randn per clip and step, video then audio
+    video = [torch.randn(48, 2, 2, 2), torch.randn(48, 3, 2, 2)]
+    audio = [torch.randn(7, 64), torch.randn(4, 64)]
+    text = [torch.ones(2, 8), torch.zeros(1, 8)]
+    sig = released_sigmas(8).tolist()
+    g = torch.Generator().manual_seed(3)
+    v_ref, a_ref = list(video), list(audio)
+    for i in range(8):
+        v_pred, a_pred = _Recorder()(v_ref, a_ref, text)
+        for j in range(2):
+            x0_v, x0_a = v_ref[j] - sig[i] * v_pred[j], a_ref[j] - sig[i] * a_pred[j]
+            eps_v = torch.randn(v_ref[j].shape, generator=g)
+            eps_a = torch.randn(a_ref[j].shape, generator=g)
+            v_ref[j] = sig[i + 1] * eps_v + (1 - sig[i + 1]) * x0_v
+            a_ref[j] = sig[i + 1] * eps_a + (1 - sig[i + 1]) * x0_a
+    g = torch.Generator().manual_seed(3)
+    out_v, out_a = sample_distilled(_Recorder(), video, audio, text, generator=g)
+    assert all(torch.equal(a, b) for a, b in zip(out_v + out_a, v_ref + a_ref, strict=True))
+
+
+def test_renoise_chain_splits_at_any_step():
+    # steps 0..k-1 then k..K-1 with one generator = the whole chain (backward simulation, then the rest)
+    x = [[torch.randn(3, 2)], [torch.randn(4)]]
+    sig = released_sigmas(8)
+
+    def predict(x, s):
+        return [[0.5 * c - s for c in m] for m in x]
+
+    whole = renoise_chain(predict, x, sig, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    split = renoise_chain(predict, renoise_chain(predict, x, sig, 0, 3, g), sig, 3, None, g)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(whole, split, strict=True))
+    assert renoise_chain(predict, x, sig, 2, 2) == x  # no steps: the state unchanged
+    with pytest.raises(ValueError, match="step index"):
+        renoise_chain(predict, x, sig, 0, 9)

@@ -1,5 +1,5 @@
 """Recipe `generate` end to end on smoke checkpoints and tiny random codecs: mp4 frames/fps/audio, i2v, a2v,
-seeding, checkpoint loading and the input errors."""
+seeding, checkpoint loading, the sampler a distilled checkpoint carries and the input errors."""
 
 import dataclasses
 import json
@@ -11,10 +11,10 @@ import torch
 from magi_train.__main__ import run
 from magi_train.codecs import AudioVAE, VideoVAE, center_crop_resize, load_audio, read_mp4_info
 from magi_train.config import GenerateConfig
-from magi_train.inference import generate, load_dit, load_pipeline, load_text_features
+from magi_train.inference import generate, load_pipeline, load_text_features, run_generate
 from magi_train.inference.generate import read_driving_audio
 from magi_train.models.checkpoint import export_released
-from magi_train.models.dit import MODEL_CONFIGS, DiTConfig
+from magi_train.models.dit import MODEL_CONFIGS, DiT, DiTConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -50,6 +50,7 @@ def test_recipe_writes_mp4_with_frames_fps_and_matching_audio(compose, smoke, tm
                 "generate.sr_height=64",
                 f"generate.codecs_dir={smoke['codecs']}",
                 "generate.negative_prompt=blurry",
+                "generate.guidance.video_scale=4.0",
                 "generate.progress=false",
             ]
         )
@@ -64,6 +65,9 @@ def test_recipe_writes_mp4_with_frames_fps_and_matching_audio(compose, smoke, tm
     assert meta["sampler"] == "unipc-32+cfg" and meta["sr"]["steps"] == 5
     assert (meta["decoded_frames"], meta["repeated_last_frames"], meta["latent_frames"]) == (25, 1, 7)
     assert meta["base"]["checkpoint"]["weights"] == "ema" and meta["settings"]["seed"] == 42
+    assert meta["settings"]["guidance"] == {"video_scale": 4.0, "video_scale_late": 2.0, "switch_t": 500.0,
+                                            "audio_scale": 5.0}  # fmt: skip
+    assert meta["base"]["settings_from"] == {"steps": "generate.steps", "shift": "generate.shift"}
 
 
 def test_i2v_first_latent_frame_is_the_image_latent(smoke, tmp_path):
@@ -97,6 +101,8 @@ def test_same_seed_same_output_distilled(smoke, tmp_path):
     b = generate(dataclasses.replace(cfg, output=str(tmp_path / "b.mp4")), pipe)
     c = generate(dataclasses.replace(cfg, output=str(tmp_path / "c.mp4"), seed=4), pipe)
     assert a.info["sampler"] == "distilled-8" and a.info["negative_text_tokens"] is None
+    # a pretraining checkpoint stores no distillation: the released 8 steps at shift 5
+    assert a.info["base"]["settings_from"] == {"steps": "released", "shift": "released"}
     assert torch.equal(a.video_latent, b.video_latent) and torch.equal(a.audio_latent, b.audio_latent)
     assert np.array_equal(a.frames, b.frames) and torch.equal(a.wave, b.wave)
     assert not torch.equal(a.video_latent, c.video_latent)
@@ -137,31 +143,31 @@ def test_read_driving_audio_pads_only_the_last_frame(tmp_path):
 
 def test_released_directory_and_ema_or_raw_weights(smoke, tmp_path):
     ckpt = torch.load(smoke["base"], map_location="cpu", weights_only=True)
-    ema = load_dit(smoke["base"], "base")
-    raw = load_dit(smoke["base"], "base", use_ema=False)
+    ema = load_pipeline(_cfg(smoke, tmp_path / "o.mp4")).base
+    raw = load_pipeline(_cfg(smoke, tmp_path / "o.mp4", use_ema=False)).base
     assert (ema.weights, raw.weights) == ("ema", "raw")
     key = "final_norm_video.weight"
     assert torch.equal(ema.model.state_dict()[key], ckpt["state_dict"]["model." + key])
     assert torch.equal(raw.model.state_dict()[key], ckpt["current_model_state"]["model." + key])
     export_released(ema.model, tmp_path / "released", dtype_policy="fp32")
-    loaded = load_dit(tmp_path / "released", "sr", model_name="tiny")
-    assert loaded.model.cfg.text_coords == "v1"  # the SR role uses the SR text coordinates
+    pipe = load_pipeline(_cfg(smoke, tmp_path / "o.mp4", sr_ckpt=str(tmp_path / "released"), sr_model="tiny"))
+    assert pipe.sr.model.cfg.text_coords == "v1"  # the SR role uses the SR text coordinates
     for k, v in ema.model.state_dict().items():
-        assert torch.equal(loaded.model.state_dict()[k], v), k
+        assert torch.equal(pipe.sr.model.state_dict()[k], v), k
 
 
 def test_clear_errors(smoke, tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="nowhere.*model.safetensors"):
-        load_dit(tmp_path / "nowhere", "base")
-    export_released(load_dit(smoke["base"], "base").model, tmp_path / "rel")
-    with pytest.raises(ValueError, match="unknown model config 'huge'"):
-        load_dit(tmp_path / "rel", "base", model_name="huge")
+    with pytest.raises(ValueError, match="generate.base_ckpt.*nowhere.*model.safetensors"):
+        load_pipeline(_cfg(smoke, tmp_path / "o.mp4", base_ckpt=str(tmp_path / "nowhere")))
+    export_released(DiT(MODEL_CONFIGS["tiny"]), tmp_path / "rel")
+    with pytest.raises(ValueError, match="unknown model config 'huge'.*generate.base_model"):
+        load_pipeline(_cfg(smoke, tmp_path / "o.mp4", base_ckpt=str(tmp_path / "rel"), base_model="huge"))
     other = DiTConfig(
         num_layers=2, hidden_size=64, head_dim=32, num_heads_kv=1, mm_layers=[0], gelu7_layers=[0]
     )
     monkeypatch.setitem(MODEL_CONFIGS, "tiny_other", other)
     with pytest.raises(ValueError, match="(?s)does not match the model.*set generate.sr_model"):
-        load_dit(tmp_path / "rel", "sr", model_name="tiny_other")
+        load_pipeline(_cfg(smoke, tmp_path / "o.mp4", sr_ckpt=str(tmp_path / "rel"), sr_model="tiny_other"))
     with pytest.raises(ValueError, match="exactly one of generate.base_ckpt"):
         load_pipeline(_cfg(smoke, tmp_path / "o.mp4", distilled_ckpt=str(smoke["base"])))
     with pytest.raises(ValueError, match="video_vae"):
@@ -197,3 +203,68 @@ def test_text_feature_files(tmp_path):
     np.save(tmp_path / "bad.npy", np.ones(5, np.float32))
     with pytest.raises(ValueError, match=r"expected \[L, D\]"):
         load_text_features(tmp_path / "bad.npy")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The distilled sampler's steps and shift come from the checkpoint (no training: a hand-written dmd2 .ckpt)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_codecs(tmp_path_factory):
+    """A codecs_dir of tiny random codecs (as the smoke fixture's, without its training runs)."""
+    from magi_train.codecs.tiny import write_tiny_codecs
+
+    root = tmp_path_factory.mktemp("codecs")
+    write_tiny_codecs(root)
+    return root
+
+
+def _distilled_ckpt(path, num_student_steps: int, shift: float):
+    """What a dmd2 run saves, reduced to what sampling reads: the student and the resolved config."""
+    torch.manual_seed(0)
+    student = DiT(MODEL_CONFIGS["tiny"])
+    config = {"task": "dmd2", "model": dataclasses.asdict(MODEL_CONFIGS["tiny"]),
+              "distill": {"num_student_steps": num_student_steps, "shift": shift}}  # fmt: skip
+    torch.save(
+        {"state_dict": {"student." + k: v for k, v in student.state_dict().items()}, "magi_config": config},
+        path,
+    )
+    return student
+
+
+def _count_calls(pipe) -> list[int]:
+    calls = [0]
+    pipe.base.model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_distilled_checkpoint_carries_its_steps_and_shift(tiny_codecs, tmp_path):
+    student = _distilled_ckpt(tmp_path / "dmd.ckpt", num_student_steps=4, shift=3.0)
+    cfg = GenerateConfig(distilled_ckpt=str(tmp_path / "dmd.ckpt"), prompt="a cat", seconds=0.2, width=32,
+                         height=32, codecs_dir=str(tiny_codecs), output=str(tmp_path / "a.mp4"), progress=False,
+                         device="cpu")  # fmt: skip
+    pipe = load_pipeline(cfg)
+    calls = _count_calls(pipe)
+    res = generate(cfg, pipe)
+    assert calls[0] == 4 and res.info["sampler"] == "distilled-4"  # one student call per step, no CFG
+    assert (res.info["base"]["steps"], res.info["base"]["shift"]) == (4, 3.0)
+    assert res.info["base"]["settings_from"] == {"steps": "checkpoint", "shift": "checkpoint"}
+    assert json.loads(res.json_path.read_text())["base"]["settings_from"]["steps"] == "checkpoint"
+
+    calls[0] = 0  # an explicit setting wins over the checkpoint
+    res = generate(dataclasses.replace(cfg, distilled_steps=2, output=str(tmp_path / "b.mp4")), pipe)
+    assert calls[0] == 2 and res.info["sampler"] == "distilled-2"
+    assert res.info["base"]["settings_from"] == {"steps": "generate.distilled_steps", "shift": "checkpoint"}
+    plan = run_generate(dataclasses.replace(cfg, distilled_shift=7.0), dry_run=True)
+    assert (plan["sampler"]["steps"], plan["sampler"]["shift"]) == (4, 7.0)
+
+    # released-format directories carry no config: the released 8 steps at shift 5
+    export_released(student, tmp_path / "released", dtype_policy="fp32")
+    released = dataclasses.replace(cfg, distilled_ckpt=str(tmp_path / "released"), base_model="tiny",
+                                   output=str(tmp_path / "c.mp4"))  # fmt: skip
+    pipe = load_pipeline(released)
+    calls = _count_calls(pipe)
+    res = generate(released, pipe)
+    assert calls[0] == 8 and (res.info["base"]["steps"], res.info["base"]["shift"]) == (8, 5.0)
+    assert res.info["base"]["settings_from"] == {"steps": "released", "shift": "released"}

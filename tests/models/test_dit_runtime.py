@@ -55,7 +55,9 @@ def test_activation_checkpointing_same_outputs_and_grads():
         ov, oa = m(*clips)
         loss = sum(o.square().mean() for o in ov + oa)
         loss.backward()
-        grads.append({n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone() for n, p in m.named_parameters()})
+        grads.append(
+            {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone() for n, p in m.named_parameters()}
+        )
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
 

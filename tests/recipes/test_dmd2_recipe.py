@@ -10,16 +10,20 @@ import torch
 from safetensors.torch import load_file
 
 from magi_train.__main__ import run
-from magi_train.config import DistillConfig, RoleConfig
-from magi_train.training.run import load_role_weights
-from magi_train.training.memory import GIB, RoleParameters, memory_table, teacher_bytes, trainable_bytes
+from magi_train.config import DistillConfig, OptimConfig, RoleConfig, TeacherConfig
 from magi_train.flow import dmd
 from magi_train.models.dit import MODEL_CONFIGS, DiT
+from magi_train.models.weights import load_dit
 from magi_train.tasks.dmd2 import DiTCondition, DiTScore, DMD2Task
+from magi_train.training.memory import GIB, RoleParameters, memory_table, teacher_bytes, trainable_bytes
 
 TINY = MODEL_CONFIGS["tiny"]
-FAST = ["trainer.enable_progress_bar=false", "data.synthetic.num_clips=32", "data.max_tokens=128",
-        "trainer.log_every_n_steps=2"]
+FAST = [
+    "trainer.enable_progress_bar=false",
+    "data.synthetic.num_clips=32",
+    "data.max_tokens=128",
+    "trainer.log_every_n_steps=2",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -38,8 +42,15 @@ def teacher_ckpt(one_thread, compose, tmp_path_factory) -> Path:
 
 
 def _dmd2(tmp: Path, teacher: Path, *extra: str) -> list[str]:
-    return ["recipe=dmd2_distill", "experiment=smoke", f"run_dir={tmp}", f"distill.teacher.checkpoint={teacher}",
-            "trainer.val_check_interval=null", *FAST, *extra]
+    return [
+        "recipe=dmd2_distill",
+        "experiment=smoke",
+        f"run_dir={tmp}",
+        f"distill.teacher.checkpoint={teacher}",
+        "trainer.val_check_interval=null",
+        *FAST,
+        *extra,
+    ]
 
 
 def _columns(metrics: Path) -> dict[str, list[float]]:
@@ -52,17 +63,53 @@ def test_recipe_composes_with_smoke_teacher_and_uncond(compose, tmp_path):
     assert cfg.task == "dmd2"
     assert cfg.distill.teacher.checkpoint == "outputs/smoke/checkpoints/last.ckpt"  # the README's smoke run
     assert cfg.distill.negative_text == cfg.flow.null_text  # the uncond features the teacher learned
-    assert cfg.distill.critic.betas == [0.0, 0.999] and cfg.distill.generator_every == 5
+    assert cfg.distill.critic.optim.betas == [0.0, 0.999] and cfg.distill.generator_every == 5
+    assert cfg.distill.student.optim.lr == 1e-4 and cfg.distill.critic.optim.grad_clip == 10.0
     assert cfg.distill.num_student_steps == 8 and cfg.distill.guidance.video_scale_late == 2.0
     with pytest.raises(Exception, match="lrr"):
         compose(["recipe=dmd2_distill", "distill.student.lrr=1"])
 
 
-def test_missing_teacher_names_the_command(compose, tmp_path):
-    cfg = compose(["recipe=dmd2_distill", "experiment=smoke", f"run_dir={tmp_path}",
-                   f"distill.teacher.checkpoint={tmp_path}/nope/last.ckpt"])
-    with pytest.raises(ValueError, match="recipe=pretrain_base experiment=smoke hydra.run.dir=outputs/smoke"):
+def test_missing_teacher_is_a_clear_error(compose, tmp_path):
+    cfg = compose(
+        [
+            "recipe=dmd2_distill",
+            "experiment=smoke",
+            f"run_dir={tmp_path}",
+            f"distill.teacher.checkpoint={tmp_path}/nope/last.ckpt",
+            "distill.teacher.train_overrides=[]",
+        ]
+    )
+    with pytest.raises(ValueError, match=r"distill.teacher.checkpoint.*nope/last.ckpt does not exist"):
         run(cfg)
+
+
+def test_missing_smoke_teacher_is_trained_first(compose, tmp_path):
+    """The README's first command: with no teacher at its path, the smoke experiment trains it, then distils it."""
+    teacher_dir = tmp_path / "teacher"
+    train = [
+        "recipe=pretrain_base",
+        "experiment=smoke",
+        f"run_dir={teacher_dir}",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=null",
+        *FAST,
+    ]
+    cfg = compose(
+        _dmd2(
+            tmp_path / "dmd2",
+            teacher_dir / "checkpoints" / "last.ckpt",
+            "trainer.max_steps=2",
+            "distill.teacher.train_overrides=[" + ",".join(f'"{o}"' for o in train) + "]",
+        )
+    )
+    out = run(cfg)
+    assert out["global_step"] == 2
+    teacher = torch.load(teacher_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert teacher["magi_config"]["task"] == "pretrain" and teacher["global_step"] == 2
+    assert (teacher_dir / "metrics.csv").is_file()  # logged in its own run directory
+    student = torch.load(tmp_path / "dmd2" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert student["magi_config"]["task"] == "dmd2"
 
 
 def test_wrong_model_config_is_a_clear_error(compose, tmp_path, teacher_ckpt):
@@ -89,7 +136,7 @@ def _task(**distill) -> DMD2Task:
     teacher = DiT(TINY)
     for p in teacher.parameters():  # non-zero heads so that every role predicts something
         p.data.add_(0.02 * torch.randn_like(p))
-    distill.setdefault("teacher", RoleConfig(trainable=False, dtype="fp32"))
+    distill.setdefault("teacher", TeacherConfig(dtype="fp32"))
     cfg = DistillConfig(**distill)
     return DMD2Task(teacher, copy.deepcopy(teacher), copy.deepcopy(teacher), cfg, TINY.text_in_channels)
 
@@ -119,9 +166,11 @@ def test_each_phase_reaches_only_its_role_and_all_roles_see_the_same_conditionin
     uncond = cond.with_text([torch.zeros(1, TINY.text_in_channels)] * 3)
     seen: dict[str, list] = {"teacher": [], "critic": [], "student": []}
     for name in seen:
+
         def hook(module, args, name=name):
             v, a, t = args
             seen[name].append(([x[:, :1].clone() for x in v], [x.clone() for x in a], [x.clone() for x in t]))
+
         getattr(task, name).register_forward_pre_hook(hook)
 
     gen = torch.Generator().manual_seed(0)
@@ -129,8 +178,10 @@ def test_each_phase_reaches_only_its_role_and_all_roles_see_the_same_conditionin
     x_k = dmd.simulate_to_step(task.student_score, noise, 2, task.student_sigmas, cond, gen)
     loss, x_g, logs = task.generator_objective(x_k, 2, cond, uncond, gen)
     loss.backward()
-    grads = {n: any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(task, n).parameters())
-             for n in ("teacher", "critic", "student")}
+    grads = {
+        n: any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(task, n).parameters())
+        for n in ("teacher", "critic", "student")
+    }
     assert grads == {"teacher": False, "critic": False, "student": True}
     assert {"dmd_loss", "g_abs_video", "g_abs_audio"} <= set(logs)
     assert float(logs["g_abs_video"]) > 0  # teacher CFG (w=5) differs from the critic: a non-zero direction
@@ -138,14 +189,17 @@ def test_each_phase_reaches_only_its_role_and_all_roles_see_the_same_conditionin
     task.zero_grad(set_to_none=True)
     loss_c, logs_c = task.critic_objective(x_g, [video, audio], cond, gen)
     loss_c.backward()
-    grads = {n: any(p.grad is not None for p in getattr(task, n).parameters())
-             for n in ("teacher", "critic", "student")}
+    grads = {
+        n: any(p.grad is not None for p in getattr(task, n).parameters())
+        for n in ("teacher", "critic", "student")
+    }
     assert grads == {"teacher": False, "critic": True, "student": False}
 
     # conditioning: the i2v frame, the a2v audio and the text reach all three roles identically
     def pinned(record):
         v, a, t = record
         return v[1], a[2], t
+
     ref = pinned(seen["student"][0])
     for name in ("teacher", "critic"):
         got = pinned(seen[name][0])
@@ -159,10 +213,12 @@ def test_each_phase_reaches_only_its_role_and_all_roles_see_the_same_conditionin
 
 
 def test_invalid_roles_are_rejected():
-    with pytest.raises(ValueError, match="frozen real score"):
-        _task(teacher=RoleConfig(trainable=True))
-    with pytest.raises(ValueError, match="distill.critic.lr=0"):
-        _task(critic=RoleConfig(trainable=False))
+    with pytest.raises(ValueError, match="distill.teacher.dtype='fp16'"):
+        _task(teacher=TeacherConfig(dtype="fp16"))
+    with pytest.raises(ValueError, match="distill.critic.optim.betas"):
+        _task(critic=RoleConfig(optim=OptimConfig(betas=[0.9])))
+    with pytest.raises(ValueError, match="distill.student.optim.schedule='cosine'"):
+        _task(student=RoleConfig(optim=OptimConfig(schedule="cosine")))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,8 +228,12 @@ def test_invalid_roles_are_rejected():
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_smoke_distill_logs_checkpoints_and_resumes_exactly(compose, tmp_path, teacher_ckpt, accumulate):
-    common = ["trainer.checkpoint_every_n_steps=3", "distill.ema_start_step=0", "distill.generator_every=2",
-              f"trainer.accumulate_grad_batches={accumulate}"]
+    common = [
+        "trainer.checkpoint_every_n_steps=3",
+        "distill.ema.start_step=0",
+        "distill.generator_every=2",
+        f"trainer.accumulate_grad_batches={accumulate}",
+    ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     out = run(compose(_dmd2(straight, teacher_ckpt, *common, "trainer.max_steps=6")))
     assert out["global_step"] == 6  # global_step counts iterations (critic updates), not optimizer steps
@@ -181,8 +241,16 @@ def test_smoke_distill_logs_checkpoints_and_resumes_exactly(compose, tmp_path, t
     run(compose(_dmd2(split, teacher_ckpt, *common, "trainer.max_steps=6", "resume=true")))
 
     cols = _columns(straight / "metrics.csv")
-    for key in ("train/dmd_loss", "train/g_abs_video", "train/g_abs_audio", "train/critic_loss",
-                "train/lr_student", "train/lr_critic", "train/grad_norm_student", "train/grad_norm_critic"):
+    for key in (
+        "train/dmd_loss",
+        "train/g_abs_video",
+        "train/g_abs_audio",
+        "train/critic_loss",
+        "train/lr_student",
+        "train/lr_critic",
+        "train/grad_norm_student",
+        "train/grad_norm_critic",
+    ):
         assert cols.get(key) and all(v == v for v in cols[key]), key  # logged and finite
     assert cols["train/lr_student"][-1] == pytest.approx(1e-4)  # the smoke experiment's per-role lr
 
@@ -194,7 +262,9 @@ def test_smoke_distill_logs_checkpoints_and_resumes_exactly(compose, tmp_path, t
     assert len(a["optimizer_states"]) == 2 and len(a["lr_schedulers"]) == 2
     assert a["magi_config"]["task"] == "dmd2"
     assert a["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["ready"] == 6 * accumulate
-    assert a["DistillDataModule"]["consumed"] == 6 * accumulate  # data position: micro-batches, not iterations
+    assert (
+        a["DistillDataModule"]["consumed"] == 6 * accumulate
+    )  # data position: micro-batches, not iterations
     for key in ("state_dict", "current_model_state"):  # EMA student (Lightning layout) and raw weights
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}/{name} differs after resume"
@@ -209,22 +279,37 @@ def test_smoke_distill_logs_checkpoints_and_resumes_exactly(compose, tmp_path, t
         sa, sb = a["optimizer_states"][opt]["state"], b["optimizer_states"][opt]["state"]
         assert sa and all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     # a dmd2 checkpoint can seed another role (e.g. distill.student.checkpoint): its EMA student
-    model = DiT(TINY)
-    assert load_role_weights(model, str(straight / "checkpoints" / "last.ckpt"), "student") == "ema"
-    assert all(torch.equal(v, ema["student." + k]) for k, v in model.state_dict().items())
+    loaded = load_dit(straight / "checkpoints" / "last.ckpt", TINY, what="distill.student.checkpoint")
+    assert loaded.weights == "ema" and loaded.config["task"] == "dmd2"
+    assert all(torch.equal(v, ema["student." + k]) for k, v in loaded.model.state_dict().items())
 
 
 def test_gan_bf16_teacher_samples_and_teacherless_checkpoint(compose, tmp_path, teacher_ckpt):
     run_dir = tmp_path / "gan"
-    extra = ["distill.gan=true", "distill.teacher.dtype=bf16", "distill.save_teacher=false",
-             "distill.generator_every=2", "distill.sample_clips=1", "trainer.max_steps=3",
-             "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.checkpoint_every_n_steps=3"]
+    extra = [
+        "distill.gan=true",
+        "distill.teacher.dtype=bf16",
+        "distill.save_teacher=false",
+        "distill.generator_every=2",
+        "distill.sample_clips=1",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=1",
+        "trainer.checkpoint_every_n_steps=3",
+    ]
     run(compose(_dmd2(run_dir, teacher_ckpt, *extra)))
     cols = _columns(run_dir / "metrics.csv")
-    for key in ("train/gan_generator_loss", "train/gan_critic_loss", "val/g_abs_video", "val/teacher_gap_audio"):
+    for key in (
+        "train/gan_generator_loss",
+        "train/gan_critic_loss",
+        "val/g_abs_video",
+        "val/teacher_gap_audio",
+    ):
         assert cols.get(key), key
     sample = load_file(run_dir / "samples" / "step00000003" / "clip0.safetensors")
-    assert set(sample) == {f"{s}_{m}" for s in ("student", "teacher_x0", "critic_x0") for m in ("video", "audio")}
+    assert set(sample) == {
+        f"{s}_{m}" for s in ("student", "teacher_x0", "critic_x0") for m in ("video", "audio")
+    }
     assert sample["student_video"].shape[0] == 48 and sample["student_audio"].shape[1] == 64
     assert (run_dir / "samples" / "step00000003" / "clip0.png").stat().st_size > 0
 

@@ -15,11 +15,44 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 
 
+# recipe -> (task, what its composed nodes must hold beyond the smoke defaults)
+EXPECTED = {
+    "pretrain_base": ("pretrain", {"model.text_coords": "v2", "flow.text_drop_prob": 0.1}),
+    "pretrain_sr": ("pretrain_sr", {"model.text_coords": "v1", "sr.alpha": 0.8389, "sr.audio_noise_scale": 0.7}),
+    "dmd2_distill": ("dmd2", {"distill.teacher.checkpoint": "outputs/smoke/checkpoints/last.ckpt",
+                              "distill.num_student_steps": 8, "distill.student.optim.lr": 1e-4,
+                              "strategy.find_unused_parameters": True, "trainer.checkpoint_every_n_steps": 100}),
+    "generate": ("generate", {"generate.base_ckpt": "outputs/smoke/checkpoints/last.ckpt", "generate.width": 32,
+                              "generate.tiny_codecs": True}),
+    "evaluate": ("evaluate", {"eval.suite.name": "smoke", "eval.scorer.backend": "proxy",
+                              "eval.asr.backend": "pocketsphinx"}),
+}  # fmt: skip
+
+
+def test_every_recipe_is_covered():
+    assert sorted(EXPECTED) == RECIPES
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_composes_with_smoke(compose, recipe, tmp_path):
+    from omegaconf import OmegaConf
+
+    from magi_train.config import DataConfig, StrategyConfig, TrainerConfig, narrow
+    from magi_train.models.dit import DiTConfig
+
     cfg = compose([f"recipe={recipe}", "experiment=smoke", f"run_dir={tmp_path}"])
-    assert cfg.recipe == recipe and cfg.task
-    assert cfg.model.hidden_size == 128  # tiny
+    task, values = EXPECTED[recipe]
+    assert cfg.recipe == recipe and cfg.task == task
+    model = narrow(cfg.model, DiTConfig)
+    assert model.hidden_size == 128 and model.num_layers == 4  # tiny
+    trainer, strategy = narrow(cfg.trainer, TrainerConfig), narrow(cfg.strategy, StrategyConfig)
+    assert (trainer.accelerator, trainer.precision, strategy.name) == ("cpu", "32-true", "auto")
+    if task in ("pretrain", "pretrain_sr", "dmd2"):  # the training recipes read generated shards
+        data = narrow(cfg.data, DataConfig)
+        assert data.synthetic.enabled and data.train_shards == f"{tmp_path}/data/train"
+        assert trainer.max_steps == 300
+    for key, value in values.items():
+        assert OmegaConf.select(cfg, key) == value, key
 
 
 def test_misspelt_key_is_an_error(compose):
@@ -32,9 +65,19 @@ def test_misspelt_key_is_an_error(compose):
 def test_dry_run_15b_prints_exact_parameter_count(tmp_path):
     start = time.time()
     out = subprocess.run(
-        [sys.executable, "-m", "magi_train", "recipe=pretrain_base", "model=magihuman_15b", "dry_run=true",
-         f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "magi_train",
+            "recipe=pretrain_base",
+            "model=magihuman_15b",
+            "dry_run=true",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "parameters: 15,299,419,136" in out.stdout
@@ -48,7 +91,12 @@ def _losses(metrics: Path) -> list[tuple[int, float]]:
 
 def test_smoke_run_learns_and_resumes(compose, tmp_path):
     run_dir = tmp_path / "run"
-    base = ["recipe=pretrain_base", "experiment=smoke", f"run_dir={run_dir}", "trainer.enable_progress_bar=false"]
+    base = [
+        "recipe=pretrain_base",
+        "experiment=smoke",
+        f"run_dir={run_dir}",
+        "trainer.enable_progress_bar=false",
+    ]
     out = run(compose(base))
     assert out["global_step"] == 300
     assert (run_dir / "config.yaml").is_file()
@@ -71,9 +119,14 @@ def test_smoke_run_learns_and_resumes(compose, tmp_path):
 @pytest.mark.parametrize("split_at", [10, 7])  # on a checkpoint step; at the end-of-training save
 def test_resume_is_exact(compose, tmp_path, split_at):
     """N steps + resume to 20 ends with the same weights, EMA and optimizer state as 20 straight steps."""
-    common = ["recipe=pretrain_base", "experiment=smoke", "trainer.enable_progress_bar=false",
-              "trainer.checkpoint_every_n_steps=10", "trainer.val_check_interval=null",
-              "data.synthetic.num_clips=64"]
+    common = [
+        "recipe=pretrain_base",
+        "experiment=smoke",
+        "trainer.enable_progress_bar=false",
+        "trainer.checkpoint_every_n_steps=10",
+        "trainer.val_check_interval=null",
+        "data.synthetic.num_clips=64",
+    ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run(compose(common + [f"run_dir={straight}", "trainer.max_steps=20"]))
     run(compose(common + [f"run_dir={split}", f"trainer.max_steps={split_at}"]))
@@ -90,9 +143,20 @@ def test_resume_is_exact(compose, tmp_path, split_at):
 
 
 def test_wandb_logger_offline(compose, tmp_path):
-    run(compose(["recipe=pretrain_base", "experiment=smoke", "logger=wandb", f"run_dir={tmp_path}",
-                 "trainer.max_steps=6", "trainer.val_check_interval=null", "trainer.enable_progress_bar=false",
-                 "data.synthetic.num_clips=16"]))
+    run(
+        compose(
+            [
+                "recipe=pretrain_base",
+                "experiment=smoke",
+                "logger=wandb",
+                f"run_dir={tmp_path}",
+                "trainer.max_steps=6",
+                "trainer.val_check_interval=null",
+                "trainer.enable_progress_bar=false",
+                "data.synthetic.num_clips=16",
+            ]
+        )
+    )
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))  # a run `wandb sync` can upload later
     assert (tmp_path / "metrics.csv").is_file()  # the CSV log is always written too
@@ -101,8 +165,16 @@ def test_wandb_logger_offline(compose, tmp_path):
 def test_sr_smoke_run_learns(compose, tmp_path):
     """recipe=pretrain_sr: the SR DiT learns to restore video from the re-noised upsampled low-res latent."""
     run_dir = tmp_path / "sr"
-    cfg = compose(["recipe=pretrain_sr", "experiment=smoke", f"run_dir={run_dir}",
-                   "trainer.enable_progress_bar=false", "trainer.max_steps=150", "trainer.val_check_interval=null"])
+    cfg = compose(
+        [
+            "recipe=pretrain_sr",
+            "experiment=smoke",
+            f"run_dir={run_dir}",
+            "trainer.enable_progress_bar=false",
+            "trainer.max_steps=150",
+            "trainer.val_check_interval=null",
+        ]
+    )
     assert cfg.model.text_coords == "v1" and cfg.sr.alpha == pytest.approx(0.8389)
     out = run(cfg)
     assert out["global_step"] == 150

@@ -5,8 +5,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from magi_train.tools import bench
 from magi_train.models.dit import MODEL_CONFIGS, DiT, ModalityLinear
+from magi_train.tools import bench
 
 
 def test_clip_shape_matches_the_release_timing():

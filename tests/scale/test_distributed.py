@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from magi_train.tools.consolidate import checkpoint_kind, consolidate, load_checkpoint_weights
 from magi_train.models.checkpoint import load_released
 from magi_train.models.dit import MODEL_CONFIGS, DiT
+from magi_train.models.weights import read_dit_state, source_kind
+from magi_train.tools.consolidate import consolidate
 
 REPO = Path(__file__).resolve().parents[2]
 DS_SCRIPT = Path(__file__).with_name("deepspeed_cpu.py")
@@ -29,7 +30,7 @@ COMMON = [
     "trainer.limit_val_batches=2",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
-    "optim.ema_decay=0",
+    "ema.decay=0",
     "data.synthetic.num_clips=64",
     "data.synthetic.samples_per_shard=16",
 ]
@@ -72,7 +73,7 @@ def ddp_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ddp_weights(ddp_run) -> dict[str, torch.Tensor]:
-    state, _ = load_checkpoint_weights(ddp_run / "checkpoints" / "last.ckpt")
+    state, _, _, _ = read_dit_state(ddp_run / "checkpoints" / "last.ckpt")
     return state
 
 
@@ -95,13 +96,13 @@ def test_deepspeed_zero_trains_resumes_and_consolidates(stage, ddp_weights, tmp_
     run_dir = tmp_path / "run"
     launch([str(DS_SCRIPT)], run_dir, f"strategy=deepspeed_stage_{stage}")
     ckpt_dir = run_dir / "checkpoints" / "last.ckpt"
-    assert checkpoint_kind(ckpt_dir) == "deepspeed"
+    assert source_kind(ckpt_dir) == "deepspeed"
     shards = sorted(p.name for p in (ckpt_dir / "checkpoint").glob("*optim_states.pt"))
     assert len(shards) == 2, shards  # one ZeRO partition per rank
 
     # ZeRO and DDP compute the same updates: same weights after the same two steps (fp32; only the
     # all-reduce order differs)
-    state, config = load_checkpoint_weights(ckpt_dir)
+    state, config, _, _ = read_dit_state(ckpt_dir)
     assert config["strategy"]["name"] == f"deepspeed_stage_{stage}"
     assert state.keys() == ddp_weights.keys()
     for key, value in ddp_weights.items():

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
-import magi_train.training.trainer as train_module
+import magi_train.training.run as train_module
 from magi_train.__main__ import run
 from magi_train.config import register_configs
 from magi_train.models.dit import DiTConfig
@@ -217,7 +217,7 @@ def test_sigusr1_saves_requeues_and_the_requeued_job_resumes(compose, tmp_path, 
     monkeypatch.setattr(
         train_module,
         "build_trainer",
-        lambda cfg, run_dir, callbacks, resolved: build(cfg, run_dir, callbacks + preempt, resolved),
+        lambda *args, **kwargs: build(*args[:4], args[4] + preempt, **kwargs),
     )
     run_dir = tmp_path / "run"
     overrides = [
@@ -240,7 +240,7 @@ def test_sigusr1_saves_requeues_and_the_requeued_job_resumes(compose, tmp_path, 
     find = train_module.find_resume_checkpoint
     chosen = []
     monkeypatch.setattr(
-        train_module, "find_resume_checkpoint", lambda cfg, d: chosen.append(find(cfg, d)) or chosen[-1]
+        train_module, "find_resume_checkpoint", lambda *a: chosen.append(find(*a)) or chosen[-1]
     )
     out = run(compose(overrides))
     assert chosen == [str(run_dir / "hpc_ckpt_1.ckpt")]  # the preemption checkpoint, not last.ckpt (step 2)

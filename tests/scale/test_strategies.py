@@ -11,20 +11,22 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 from omegaconf import OmegaConf
 
 import magi_train.data.distributed as even
-from magi_train.config import StrategyConfig
-from magi_train.tools.consolidate import checkpoint_kind, consolidate, load_checkpoint_weights
+from magi_train.config import EMAConfig, StrategyConfig, narrow
 from magi_train.data.distributed import EvenAcrossRanks
 from magi_train.models.checkpoint import load_released
 from magi_train.models.dit import MODEL_CONFIGS, DiT, TransformerLayer
+from magi_train.models.weights import read_dit_state, source_kind
+from magi_train.tools.consolidate import consolidate
+from magi_train.training.resume import find_resume_checkpoint, newest_checkpoint
 from magi_train.training.strategies import build_strategy, deepspeed_autocast_config
-from magi_train.training.trainer import check_ema_strategy, find_resume_checkpoint, newest_checkpoint, to_dataclass
+from magi_train.training.trainer import check_ema_strategy
 
 STRATEGY_DIR = Path(__file__).resolve().parents[2] / "configs" / "strategy"
 
 
 def strategy_cfg(compose, name: str, *extra: str) -> StrategyConfig:
     cfg = compose(["recipe=pretrain_base", "experiment=smoke", f"strategy={name}", "run_dir=/tmp/x", *extra])
-    return to_dataclass(cfg.strategy, StrategyConfig)
+    return narrow(cfg.strategy, StrategyConfig)
 
 
 def test_every_strategy_config_composes_and_builds(compose):
@@ -130,11 +132,10 @@ def test_bad_strategy_settings_are_clear_errors(compose):
     cfg = compose(
         ["recipe=pretrain_base", "experiment=smoke", "strategy=deepspeed_stage_3", "run_dir=/tmp/x"]
     )
-    with pytest.raises(ValueError, match="optim.ema_decay=0"):  # smoke keeps an EMA
-        check_ema_strategy(cfg)
-    check_ema_strategy(
-        compose(["recipe=pretrain_base", "experiment=smoke", "strategy=ddp", "run_dir=/tmp/x"])
-    )
+    with pytest.raises(ValueError, match="ema.decay=0"):  # smoke keeps an EMA
+        check_ema_strategy(narrow(cfg.ema, EMAConfig), narrow(cfg.strategy, StrategyConfig))
+    check_ema_strategy(narrow(cfg.ema, EMAConfig), strategy_cfg(compose, "ddp"))
+    check_ema_strategy(EMAConfig(decay=0.0), narrow(cfg.strategy, StrategyConfig))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,28 +152,23 @@ def _touch(path: Path, at: float, directory: bool = False) -> None:
     os.utime(path, (at, at))
 
 
-def test_resume_picks_the_newest_checkpoint(compose, tmp_path, monkeypatch):
+def test_resume_picks_the_newest_checkpoint(tmp_path, monkeypatch):
     for key in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(key)
     now = time.time()
-    cfg = compose(["recipe=pretrain_base", "experiment=smoke", f"run_dir={tmp_path}", "resume=true"])
     with pytest.raises(ValueError, match="hydra.run.dir"):
-        find_resume_checkpoint(cfg, tmp_path)
+        find_resume_checkpoint(tmp_path, resume=True)
     _touch(tmp_path / "checkpoints" / "last.ckpt", now - 30, directory=True)  # a DeepSpeed checkpoint
     _touch(tmp_path / "hpc_ckpt_1.ckpt", now - 20)
-    assert find_resume_checkpoint(cfg, tmp_path) == str(tmp_path / "hpc_ckpt_1.ckpt")
+    assert find_resume_checkpoint(tmp_path, resume=True) == str(tmp_path / "hpc_ckpt_1.ckpt")
     _touch(tmp_path / "checkpoints" / "last-v1.ckpt", now - 10)  # Lightning's name after changed settings
     assert newest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "last-v1.ckpt"
 
-    fresh = compose(["recipe=pretrain_base", "experiment=smoke", f"run_dir={tmp_path}"])
-    assert find_resume_checkpoint(fresh, tmp_path) is None  # not a Slurm job: resume only when asked
+    assert find_resume_checkpoint(tmp_path) is None  # not a Slurm job: resume only when asked
     for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "magi", "SLURM_JOB_ID": "7"}.items():
         monkeypatch.setenv(key, value)
-    assert find_resume_checkpoint(fresh, tmp_path) == str(tmp_path / "checkpoints" / "last-v1.ckpt")
-    no_requeue = compose(
-        ["recipe=pretrain_base", "experiment=smoke", f"run_dir={tmp_path}", "trainer.slurm_requeue=false"]
-    )
-    assert find_resume_checkpoint(no_requeue, tmp_path) is None
+    assert find_resume_checkpoint(tmp_path) == str(tmp_path / "checkpoints" / "last-v1.ckpt")
+    assert find_resume_checkpoint(tmp_path, slurm_requeue=False) is None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,8 +218,8 @@ def test_consolidate_lightning_checkpoint_with_ema(tmp_path):
         },
         ckpt,
     )
-    assert checkpoint_kind(ckpt) == "lightning"
-    for weights, source in (("auto", ema), ("ema", ema), ("current", raw)):
+    assert source_kind(ckpt) == "lightning"
+    for weights, source in (("auto", ema), ("ema", ema), ("raw", raw)):
         out = consolidate(ckpt, tmp_path / f"out-{weights}", weights=weights)
         loaded = DiT(MODEL_CONFIGS["tiny"])
         load_released(loaded, out)
@@ -231,13 +227,17 @@ def test_consolidate_lightning_checkpoint_with_ema(tmp_path):
             torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0, msg=k)
     torch.save({"state_dict": _lightning_state(raw)}, tmp_path / "no-ema.ckpt")
     with pytest.raises(ValueError, match="no EMA"):
-        load_checkpoint_weights(tmp_path / "no-ema.ckpt", "ema")
+        read_dit_state(tmp_path / "no-ema.ckpt", "ema")
     with pytest.raises(ValueError, match="--model"):  # no stored config
         consolidate(tmp_path / "no-ema.ckpt", tmp_path / "x")
     small = consolidate(tmp_path / "no-ema.ckpt", tmp_path / "y", model="tiny", dtype_policy="base")
     assert (small / "model.safetensors").is_file()
-    with pytest.raises(ValueError, match="does not match the model config"):
+    with pytest.raises(ValueError, match="do not fit the model config"):
         consolidate(tmp_path / "no-ema.ckpt", tmp_path / "z", model="small")
+    with pytest.raises(
+        ValueError, match=r"another model config \(model.num_layers"
+    ):  # --model vs the stored one
+        consolidate(ckpt, tmp_path / "z", model="small")
 
 
 def test_consolidate_fsdp_sharded_checkpoint(tmp_path):
@@ -252,13 +252,13 @@ def test_consolidate_fsdp_sharded_checkpoint(tmp_path):
     dcp.save(state, checkpoint_id=path)
     magi_config = {"model": OmegaConf.to_container(OmegaConf.structured(MODEL_CONFIGS["tiny"]))}
     torch.save({"global_step": 5, "magi_config": magi_config}, path / "meta.pt")
-    assert checkpoint_kind(path) == "fsdp"
+    assert source_kind(path) == "dcp"
     loaded = DiT(MODEL_CONFIGS["tiny"])
     load_released(loaded, consolidate(path, tmp_path / "released"))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0, msg=k)
-    with pytest.raises(ValueError, match="sharded fsdp checkpoint"):
-        load_checkpoint_weights(path, "ema")
+    with pytest.raises(ValueError, match="sharded dcp checkpoint"):
+        read_dit_state(path, "ema")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="neither a DeepSpeed checkpoint"):
-        checkpoint_kind(tmp_path / "empty")
+    with pytest.raises(ValueError, match="none of the known kinds"):
+        source_kind(tmp_path / "empty")

@@ -73,8 +73,9 @@ def test_two_modality_variant_meets_the_bounds_on_both_parts(teacher_joint):
     print("joint student 4-step", stats)
     for part, num_modes in (("2d", 8), ("1d", 4)):
         s = stats[part]
-        assert s["modes"] == num_modes and s["in_3std"] >= 0.95 and s["std"] <= 0.15 and s["class_acc"] >= 0.99, (
-            part, s)
+        assert (
+            s["modes"] == num_modes and s["in_3std"] >= 0.95 and s["std"] <= 0.15 and s["class_acc"] >= 0.99
+        ), (part, s)
     assert stats["1d"]["joint_acc"] >= 0.99  # the 1-D value belongs to the 2-D mode it was generated with
 
 
@@ -91,12 +92,24 @@ def test_the_toy_runs_the_library_functions(monkeypatch):
 
         monkeypatch.setattr(dmd, name, wrapper)
 
-    for name in ("simulate_to_step", "student_x0", "dmd_generator_loss", "dmd_gradient", "dmd_loss", "teacher_x0",
-                 "critic_loss", "sample_score_sigma", "sample_step_index", "shared_generator"):
+    for name in (
+        "simulate_to_step",
+        "student_x0",
+        "dmd_generator_loss",
+        "dmd_gradient",
+        "dmd_loss",
+        "teacher_x0",
+        "critic_loss",
+        "sample_score_sigma",
+        "sample_step_index",
+        "shared_generator",
+    ):
         counting(name)
     teacher = ToyMLP((2, 1), hidden=16, depth=2).requires_grad_(False)
     distill(teacher, DistillConfig(iters=10, batch=8))
-    assert calls["dmd_generator_loss"] == calls["dmd_gradient"] == calls["dmd_loss"] == calls["teacher_x0"] == 2
+    assert (
+        calls["dmd_generator_loss"] == calls["dmd_gradient"] == calls["dmd_loss"] == calls["teacher_x0"] == 2
+    )
     assert calls["critic_loss"] == calls["simulate_to_step"] == calls["sample_step_index"] == 10
     assert calls["sample_score_sigma"] == 12  # an independent draw for every critic step and DMD step
 
@@ -105,12 +118,34 @@ def test_command_writes_the_table_and_the_plot(tmp_path):
     pytest.importorskip("matplotlib")
     from magi_train.tools.toy.__main__ import main
 
-    rows = main(["--out", str(tmp_path), "--teacher-steps", "20", "--iters", "10", "--one-step-iters", "5",
-                 "--num-eval", "64"])
+    rows = main(
+        [
+            "--out",
+            str(tmp_path),
+            "--teacher-steps",
+            "20",
+            "--iters",
+            "10",
+            "--one-step-iters",
+            "5",
+            "--num-eval",
+            "64",
+        ]
+    )
     runs = {r["run"] for r in rows}
-    assert {"teacher 100-step ODE (2nd draw)", "teacher 4-step", "student 4-step", "student 1-step",
-            "control: sign of g flipped", "control: frozen critic"} <= runs
-    assert {(r["variant"], r["part"]) for r in rows} == {("2-D", "2d"), ("2-D + 1-D", "2d"), ("2-D + 1-D", "1d")}
+    assert {
+        "teacher 100-step ODE (2nd draw)",
+        "teacher 4-step",
+        "student 4-step",
+        "student 1-step",
+        "control: sign of g flipped",
+        "control: frozen critic",
+    } <= runs
+    assert {(r["variant"], r["part"]) for r in rows} == {
+        ("2-D", "2d"),
+        ("2-D + 1-D", "2d"),
+        ("2-D + 1-D", "1d"),
+    }
     table = (tmp_path / "table.md").read_text()
     assert table.count("\n") == len(rows) + 2 and "| in_3std |" in table
     assert (tmp_path / "metrics.json").stat().st_size > 0

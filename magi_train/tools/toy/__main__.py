@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,11 +23,27 @@ from magi_train.tools.toy.distill import (
 )
 from magi_train.tools.toy.gmm import balanced_labels
 from magi_train.tools.toy.metrics import evaluate, passes
+from magi_train.utils.fileio import atomic_file, atomic_write
 
 # the 1-step generator has no later step to correct it: more iterations and a faster generator (spec §9: 15k)
 ONE_STEP = {"num_steps": 1, "iters": 4000, "lr_gen": 5e-4}
-COLUMNS = ["variant", "part", "run", "pass", "modes", "in_3std", "std", "std_max", "radial_bias",
-           "tangential_std", "class_acc", "joint_acc", "mmd2", "sw1", "train_s"]
+COLUMNS = [
+    "variant",
+    "part",
+    "run",
+    "pass",
+    "modes",
+    "in_3std",
+    "std",
+    "std_max",
+    "radial_bias",
+    "tangential_std",
+    "class_acc",
+    "joint_acc",
+    "mmd2",
+    "sw1",
+    "train_s",
+]
 
 
 def run_variant(joint: bool, args: argparse.Namespace) -> tuple[list[dict], dict[str, list[torch.Tensor]]]:
@@ -44,12 +58,16 @@ def run_variant(joint: bool, args: argparse.Namespace) -> tuple[list[dict], dict
     reference = euler_sample(teacher, toy_noise(args.num_eval, joint, gen), labels)  # 100-step ODE, w = 1
 
     base = DistillConfig(iters=args.iters, seed=args.seed)
-    students = [("student 4-step", base),
-                ("student 1-step", replace(base, **{**ONE_STEP, "iters": args.one_step_iters}))]
+    students = [
+        ("student 4-step", base),
+        ("student 1-step", replace(base, **{**ONE_STEP, "iters": args.one_step_iters})),
+    ]
     if not joint and args.controls:
-        students += [("student 4-step, per-sample normaliser", replace(base, normalizer="per_sample")),
-                     ("control: sign of g flipped", replace(base, flip_sign=True)),
-                     ("control: frozen critic", replace(base, train_critic=False))]
+        students += [
+            ("student 4-step, per-sample normaliser", replace(base, normalizer="per_sample")),
+            ("control: sign of g flipped", replace(base, flip_sign=True)),
+            ("control: frozen critic", replace(base, train_critic=False)),
+        ]
     runs: list[tuple[str, ToyMLP, int | None, float]] = [
         ("teacher 100-step ODE (2nd draw)", teacher, None, teacher_s),
         ("teacher 4-step", teacher, 4, teacher_s),
@@ -71,8 +89,16 @@ def run_variant(joint: bool, args: argparse.Namespace) -> tuple[list[dict], dict
         plots[label] = samples
         for part, stats in evaluate(samples, labels, reference).items():
             ok = passes(stats, 8 if part == "2d" else 4)
-            rows.append({"variant": name, "part": part, "run": label, "pass": "yes" if ok else "no",
-                         "train_s": round(seconds), **stats})
+            rows.append(
+                {
+                    "variant": name,
+                    "part": part,
+                    "run": label,
+                    "pass": "yes" if ok else "no",
+                    "train_s": round(seconds),
+                    **stats,
+                }
+            )
     return rows, plots
 
 
@@ -83,8 +109,13 @@ def format_table(rows: list[dict]) -> str:
         cells = []
         for c in COLUMNS:
             v = r.get(c, "")
-            cells.append(f"{v:.3g}" if isinstance(v, float) and abs(v) >= 1e3 else
-                          f"{v:.3f}" if isinstance(v, float) else str(v))
+            cells.append(
+                f"{v:.3g}"
+                if isinstance(v, float) and abs(v) >= 1e3
+                else f"{v:.3f}"
+                if isinstance(v, float)
+                else str(v)
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -108,8 +139,15 @@ def plot(plots: dict[str, dict[str, list[torch.Tensor]]], path: Path, labels: to
             title, samples = list(runs.items())[col]
             outside = float((samples[0].abs() > 3).any(dim=1).double().mean())
             if outside > 0.5:
-                ax.text(0.5, 0.5, f"diverged:\n{outside:.0%} outside the view", ha="center", va="center",
-                        transform=ax.transAxes, fontsize=6)
+                ax.text(
+                    0.5,
+                    0.5,
+                    f"diverged:\n{outside:.0%} outside the view",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    fontsize=6,
+                )
             x = samples[0].clamp(-3, 3).numpy()
             if len(samples) > 1:
                 c, cmap, vmin, vmax = samples[1][:, 0].clamp(-2, 2).numpy(), "coolwarm", -2, 2
@@ -117,31 +155,32 @@ def plot(plots: dict[str, dict[str, list[torch.Tensor]]], path: Path, labels: to
                 c, cmap, vmin, vmax = labels.numpy(), "tab10", 0, 9
             ax.scatter(x[:, 0], x[:, 1], c=c, cmap=cmap, vmin=vmin, vmax=vmax, s=0.3, rasterized=True)
             ax.set_xlim(-3, 3), ax.set_ylim(-3, 3), ax.set_aspect("equal")
-            ax.set_title(f"{variant}: {title}".replace(", ", ",\n").replace("control: ", "control:\n"), fontsize=6)
+            ax.set_title(
+                f"{variant}: {title}".replace(", ", ",\n").replace("control: ", "control:\n"), fontsize=6
+            )
     fig.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp.name, dpi=80)
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, path)  # atomic
+    atomic_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m magi_train.tools.toy", description=__doc__)
-    parser.add_argument("--out", type=Path, required=True, help="directory for table.md, metrics.json, samples.png")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="directory for table.md, metrics.json, samples.png"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--teacher-steps", type=int, default=TeacherConfig.steps)
-    parser.add_argument("--iters", type=int, default=DistillConfig.iters, help="critic iterations, 4-step student")
+    parser.add_argument(
+        "--iters", type=int, default=DistillConfig.iters, help="critic iterations, 4-step student"
+    )
     parser.add_argument("--one-step-iters", type=int, default=ONE_STEP["iters"])
     parser.add_argument("--num-eval", type=int, default=2000)
-    parser.add_argument("--no-controls", dest="controls", action="store_false",
-                        help="skip the negative controls and the normaliser ablation")
+    parser.add_argument(
+        "--no-controls",
+        dest="controls",
+        action="store_false",
+        help="skip the negative controls and the normaliser ablation",
+    )
     parser.add_argument("--no-plot", dest="plot", action="store_false")
     args = parser.parse_args(argv)
     if min(args.teacher_steps, args.iters, args.one_step_iters) < 0 or args.num_eval < 16:
@@ -157,8 +196,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     table = format_table(rows)
     print(table)
     print(f"total {time.perf_counter() - t0:.0f}s")
-    _write(args.out / "table.md", table + "\n")
-    _write(args.out / "metrics.json", json.dumps(rows, indent=1))
+    atomic_write(args.out / "table.md", table + "\n")
+    atomic_write(args.out / "metrics.json", json.dumps(rows, indent=1))
     if args.plot:
         plot(plots, args.out / "samples.png", balanced_labels(args.num_eval))
         print(f"wrote {args.out / 'samples.png'}")

@@ -40,8 +40,13 @@ class ToyMLP(nn.Module):
     def forward(self, xs: Batch, sigma: Tensor, cond: Tensor) -> Batch:
         """xs: [[N, 2]] or [[N, 2], [N, 1]]; sigma [N]; cond: class labels [N] (NULL_CLASS = unconditional)."""
         s = sigma.view(-1, 1).to(xs[0])
-        feats = [*xs, s, torch.sin(s * self.freqs), torch.cos(s * self.freqs),
-                 nn.functional.one_hot(cond, NUM_CLASSES + 1).to(xs[0])]
+        feats = [
+            *xs,
+            s,
+            torch.sin(s * self.freqs),
+            torch.cos(s * self.freqs),
+            nn.functional.one_hot(cond, NUM_CLASSES + 1).to(xs[0]),
+        ]
         return list(self.net(torch.cat(feats, dim=1)).split(list(self.dims), dim=1))
 
 
@@ -95,15 +100,26 @@ def euler_sample(model: ToyMLP, noise: Batch, labels: Tensor, num_steps: int = 1
     return x
 
 
-def renoise_sample(model: ToyMLP, noise: Batch, labels: Tensor, num_steps: int, shift: float = 1.0,
-                   generator: torch.Generator | None = None) -> Batch:
-    """The distilled few-step sampler (x0, then re-noise with fresh noise): backward simulation run to the end."""
-    return dmd.simulate_to_step(model, noise, num_steps, dmd.student_sigmas(num_steps, shift), labels, generator)
+def renoise_sample(
+    model: ToyMLP,
+    noise: Batch,
+    labels: Tensor,
+    num_steps: int,
+    shift: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Batch:
+    """The distilled few-step sampler (x0, then re-noise with fresh noise): backward simulation run to the end,
+    i.e. `sampling.renoise_chain`, the loop of the DiT's `sample_distilled`."""
+    return dmd.simulate_to_step(
+        model, noise, num_steps, dmd.student_sigmas(num_steps, shift), labels, generator
+    )
 
 
 def toy_noise(n: int, joint: bool, generator: torch.Generator) -> Batch:
     """Pure noise for n samples of the toy (one tensor per modality)."""
-    return [torch.randn(n, 2, generator=generator)] + ([torch.randn(n, 1, generator=generator)] if joint else [])
+    return [torch.randn(n, 2, generator=generator)] + (
+        [torch.randn(n, 1, generator=generator)] if joint else []
+    )
 
 
 @dataclass
@@ -157,8 +173,12 @@ def distill(teacher: ToyMLP, cfg: DistillConfig, log_every: int = 0) -> tuple[To
     joint = len(teacher.dims) > 1
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     critic = copy.deepcopy(teacher).requires_grad_(cfg.train_critic).train()
-    opt_g = torch.optim.AdamW(student.parameters(), cfg.lr_gen, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    opt_c = torch.optim.AdamW(critic.parameters(), cfg.lr_critic, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt_g = torch.optim.AdamW(
+        student.parameters(), cfg.lr_gen, betas=cfg.betas, weight_decay=cfg.weight_decay
+    )
+    opt_c = torch.optim.AdamW(
+        critic.parameters(), cfg.lr_critic, betas=cfg.betas, weight_decay=cfg.weight_decay
+    )
     ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema else None
     sigmas = dmd.student_sigmas(cfg.num_steps, cfg.student_shift)
     score = dict(low=cfg.score_low, high=cfg.score_high, shift=cfg.score_shift, generator=gen)
@@ -171,9 +191,16 @@ def distill(teacher: ToyMLP, cfg: DistillConfig, log_every: int = 0) -> tuple[To
         if it % cfg.ttur == 0:
             x_g = dmd.student_x0(student, x_k, sigmas[k], labels)
             out = dmd.dmd_generator_loss(
-                x_g, teacher, critic, dmd.sample_score_sigma(cfg.batch, **score), labels,
-                uncond=torch.full_like(labels, NULL_CLASS), guidance=cfg.guidance,
-                normalizer=cfg.normalizer, weights=cfg.weights, generator=gen,
+                x_g,
+                teacher,
+                critic,
+                dmd.sample_score_sigma(cfg.batch, **score),
+                labels,
+                uncond=torch.full_like(labels, NULL_CLASS),
+                guidance=cfg.guidance,
+                normalizer=cfg.normalizer,
+                weights=cfg.weights,
+                generator=gen,
             )
             loss = -out.loss if cfg.flip_sign else out.loss
             opt_g.zero_grad(set_to_none=True)
@@ -189,16 +216,24 @@ def distill(teacher: ToyMLP, cfg: DistillConfig, log_every: int = 0) -> tuple[To
             with torch.no_grad():
                 x_fake = dmd.student_x0(student, x_k, sigmas[k], labels)
         if cfg.train_critic:
-            c_loss = dmd.critic_loss(critic, x_fake, dmd.sample_score_sigma(cfg.batch, **score), labels,
-                                     weights=cfg.weights, generator=gen)
+            c_loss = dmd.critic_loss(
+                critic,
+                x_fake,
+                dmd.sample_score_sigma(cfg.batch, **score),
+                labels,
+                weights=cfg.weights,
+                generator=gen,
+            )
             opt_c.zero_grad(set_to_none=True)
             c_loss.backward()
             nn.utils.clip_grad_norm_(critic.parameters(), cfg.clip)
             opt_c.step()
             history["critic"].append(c_loss.item())
         if log_every and it % log_every == 0:
-            print(f"dmd it {it} dmd {history['dmd'][-1]:.3f} critic "
-                  f"{history['critic'][-1] if history['critic'] else float('nan'):.4f} "
-                  f"({time.perf_counter() - t0:.0f}s)")
+            print(
+                f"dmd it {it} dmd {history['dmd'][-1]:.3f} critic "
+                f"{history['critic'][-1] if history['critic'] else float('nan'):.4f} "
+                f"({time.perf_counter() - t0:.0f}s)"
+            )
     final = ema.module if ema is not None else student
     return final.requires_grad_(False).eval(), history

@@ -22,7 +22,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from magi_train.tools.toy.gmm import RADIUS, STD, centres_1d, centres_2d, class_1d_centres, mode_class, mode_to_1d
+from magi_train.tools.toy.gmm import (
+    RADIUS,
+    STD,
+    centres_1d,
+    centres_2d,
+    class_1d_centres,
+    mode_class,
+    mode_to_1d,
+)
 
 BANDWIDTHS = (0.05, 0.2, 0.5, 1.0, 2.0)
 
@@ -90,12 +98,17 @@ def _mode_stats(x: Tensor, centres: Tensor, min_share: float) -> tuple[dict[str,
 
 def _mean_std_per_mode(values: Tensor, nearest: Tensor, covered: Tensor) -> float:
     """Std of a scalar per sample within each covered mode, averaged over modes."""
-    stds = [values[nearest == j].std() for j in torch.nonzero(covered).flatten().tolist() if (nearest == j).sum() > 1]
+    stds = [
+        values[nearest == j].std()
+        for j in torch.nonzero(covered).flatten().tolist()
+        if (nearest == j).sum() > 1
+    ]
     return float(torch.stack(stds).mean()) if stds else float("nan")
 
 
-def evaluate(samples: list[Tensor], labels: Tensor, reference: list[Tensor] | None = None,
-             min_share: float = 0.1) -> dict[str, dict[str, float]]:
+def evaluate(
+    samples: list[Tensor], labels: Tensor, reference: list[Tensor] | None = None, min_share: float = 0.1
+) -> dict[str, dict[str, float]]:
     """Metrics per part ("2d", and "1d" for the two-modality toy) of samples conditioned on `labels`.
 
     Non-finite samples (a diverged run) count as outside every mode; MMD/SW1 are then reported as inf.
@@ -108,7 +121,9 @@ def evaluate(samples: list[Tensor], labels: Tensor, reference: list[Tensor] | No
     if len(samples) > 1:
         x1 = torch.nan_to_num(samples[1].detach().double(), nan=1e6, posinf=1e6, neginf=-1e6)
         stats1, mode1 = _mode_stats(x1, centres_1d(), min_share)
-        stats1["class_acc"] = float((class_1d_centres(labels) == mode1.unsqueeze(1)).any(dim=1).double().mean())
+        stats1["class_acc"] = float(
+            (class_1d_centres(labels) == mode1.unsqueeze(1)).any(dim=1).double().mean()
+        )
         stats1["joint_acc"] = float((mode_to_1d(mode2) == mode1).double().mean())
         out["1d"] = stats1
     if reference is not None:
@@ -121,8 +136,9 @@ def evaluate(samples: list[Tensor], labels: Tensor, reference: list[Tensor] | No
     return out
 
 
-def passes(stats: dict[str, float], num_modes: int, in_3std: float = 0.95, std: float = 0.15,
-           class_acc: float = 0.99) -> bool:
+def passes(
+    stats: dict[str, float], num_modes: int, in_3std: float = 0.95, std: float = 0.15, class_acc: float = 0.99
+) -> bool:
     """The acceptance bounds of the toy test (spec/dmd2.md §9) for one part."""
     return (
         stats["modes"] == num_modes

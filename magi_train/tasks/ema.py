@@ -1,0 +1,94 @@
+"""Exponential moving averages of trained weights: of the pretraining DiT (Lightning's EMAWeightAveraging) and of
+the DMD-2 student alone (not its teacher or critic)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
+from torch import Tensor
+
+EMA_KEY = "student_ema_state"  # where DMD2Task.on_load_checkpoint hands the saved EMA weights to StudentEMA
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's EMA, except that the live model keeps its raw weights when training ends.
+
+    Lightning copies the average into the model in `on_train_end`, and ModelCheckpoint writes `last.ckpt` after
+    that (checkpoint callbacks run last), so a run stopping between checkpoint steps would save the EMA weights
+    as `current_model_state` and resume from them. Checkpoints already carry the EMA in `state_dict`.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass
+
+
+class StudentEMA(Callback):
+    """Exponential moving average of the student's weights (not teacher or critic), after each generator step.
+
+    Until `start_step` iterations the average is a copy (Self-Forcing starts its EMA late, FastVideo builds it
+    from trained weights). Validation runs with the EMA student. Checkpoints use Lightning's EMA layout:
+    `state_dict` holds the EMA student and `current_model_state` the raw weights, so the `generate` loader
+    picks the EMA student by default. Under sharded strategies the shadow is the rank's local shard.
+    """
+
+    def __init__(self, decay: float, start_step: int = 0, on_cpu: bool = False):
+        self.decay, self.start_step, self.on_cpu = decay, start_step, on_cpu
+        self.shadow: dict[str, Tensor] | None = None
+        self._backup: dict[str, Tensor] | None = None
+
+    def _device(self, pl_module: L.LightningModule) -> torch.device:
+        return torch.device("cpu") if self.on_cpu else pl_module.device
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dev = self._device(pl_module)
+        if self.shadow is None:
+            self.shadow = {
+                k: v.detach().to(dev, torch.float32, copy=True)
+                for k, v in pl_module.student.state_dict().items()
+            }
+        else:  # restored from a checkpoint
+            self.shadow = {k: v.to(dev, torch.float32) for k, v in self.shadow.items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
+    ) -> None:
+        if not pl_module.generator_stepped:
+            return
+        pl_module.generator_stepped = False
+        for key, value in pl_module.student.state_dict().items():
+            target = self.shadow[key]
+            if trainer.global_step <= self.start_step:
+                target.copy_(value)
+            else:
+                target.lerp_(value.to(target.device, torch.float32), 1 - self.decay)
+
+    @torch.no_grad()
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.shadow is None or trainer.sanity_checking:
+            return
+        state = pl_module.student.state_dict()
+        self._backup = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        for key, value in state.items():
+            value.copy_(self.shadow[key])
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._backup is None:
+            return
+        for key, value in pl_module.student.state_dict().items():
+            value.copy_(self._backup[key])
+        self._backup = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self.shadow is None:
+            return
+        raw = checkpoint["state_dict"]
+        checkpoint["current_model_state"] = raw
+        checkpoint["state_dict"] = {**raw, **{f"student.{k}": v for k, v in self.shadow.items()}}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        ema = checkpoint.get(EMA_KEY)  # put there by DMD2Task.on_load_checkpoint
+        if ema is not None:
+            self.shadow = {k: v.detach().clone().float() for k, v in ema.items()}
