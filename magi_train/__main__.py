@@ -6,6 +6,8 @@ The only place that sees the root config: `run` narrows it once into typed nodes
 from __future__ import annotations
 
 import logging
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ from magi_train.models.dit import DiTConfig
 
 register_configs()
 log = logging.getLogger("magi_train")
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+PACKAGE = Path(__file__).resolve().parent
+CONFIG_DIR = str(PACKAGE.parent / "configs")
 TASKS = ("pretrain", "pretrain_sr", "dmd2", "generate", "evaluate")
 
 
@@ -115,12 +118,34 @@ def run(cfg: DictConfig) -> Any:
     )  # fmt: skip
 
 
+def raised_by_us(err: BaseException) -> bool:
+    """Whether magi_train code raised `err`: our ValueErrors are messages for users (STYLE.md 14: `assert` guards
+    internal invariants), while one raised inside a library is a bug to show with its traceback."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(PACKAGE)
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from magi_train.tasks.guard import NonFiniteTrainingError
     from magi_train.training.progress import route_lightning_logging
 
     route_lightning_logging()  # after Hydra set up its log handlers: one line per record
-    run(cfg)
+    try:
+        run(cfg)
+    except (
+        MisconfigurationException
+    ) as err:  # Lightning's word on trainer.* values (devices, accelerator, ...)
+        print(f"error: the trainer.* settings: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (ValueError, NonFiniteTrainingError) as err:
+        if not raised_by_us(err):
+            raise
+        log.debug("user error", exc_info=err)  # its traceback, with hydra.verbose=magi_train
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)  # a SystemExit passes through Hydra's handler, which would print the traceback
 
 
 if __name__ == "__main__":

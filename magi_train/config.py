@@ -6,10 +6,14 @@ misspelt key on the command line is an error instead of being dropped.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
 from omegaconf import MISSING, OmegaConf
 
 from magi_train.flow.sampling import Guidance
@@ -114,6 +118,8 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 1000
     enable_progress_bar: bool = True
     deterministic: bool = False
+    # steps with a NaN/inf loss or gradient norm are skipped (tasks/guard.py); this many in a row stop the run
+    max_nonfinite_steps: int = 20
     # under Slurm: on SIGUSR1 (sbatch --signal=USR1@120) save <run_dir>/hpc_ckpt_N.ckpt and requeue the job;
     # the requeued job resumes from it (Lightning SLURMEnvironment auto_requeue; launch/train.sbatch)
     slurm_requeue: bool = True
@@ -380,3 +386,31 @@ def slurm_count(value: Any, key: str) -> int:
             f"for trainer.num_nodes), got {value!r}: add e.g. {key}=8"
         )
     return value
+
+
+def _creatable(path: Path) -> bool:
+    """Whether `path` is, or can be made, a directory this process writes into."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+
+
+class RunDirCheck(Callback):
+    """Hydra callback (configs/config.yaml `hydra.callbacks`): a run or sweep directory that cannot be created or
+    written ends with one short error naming the key (exit 2), before Hydra writes its logs there."""
+
+    @staticmethod
+    def _check(path: str, key: str) -> None:
+        if not _creatable(Path(path)):
+            print(
+                f"error: {key}={path} cannot be created or written: pass {key}=<a writable directory>",
+                file=sys.stderr,
+            )
+            sys.exit(2)  # a SystemExit passes through Hydra's error report
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")

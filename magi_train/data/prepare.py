@@ -50,6 +50,7 @@ from magi_train.codecs.video_vae import (
     latent_frames,
     pixel_frames,
 )
+from magi_train.data.index import index_path
 from magi_train.data.schema import Clip, count_tokens
 from magi_train.data.writer import write_shard
 from magi_train.utils.fileio import atomic_write, remove_temps
@@ -558,6 +559,7 @@ def process_unit(
     out = Path(s.out)
     final = out / _shard_name(s.prefix, unit)
     remove_temps(final)  # leftovers of an interrupted attempt (this task alone owns the unit)
+    remove_temps(index_path(final))
     skipped: list[dict[str, str]] = []
     dropped: Counter = Counter()
     buckets: Counter = Counter()
@@ -580,6 +582,7 @@ def process_unit(
     written = write_shard(final, clips(), video_dtype=np.dtype(s.video_dtype))
     if not written:  # no clip: no shard (and none left over from an earlier run with other inputs)
         final.unlink(missing_ok=True)
+        index_path(final).unlink(missing_ok=True)
     marker = {
         "unit": unit,
         "shard": final.name if written else None,

@@ -1,4 +1,16 @@
-"""Read clip shards with webdataset: validate, skip-and-count bad samples, pack clips into token-budget batches.
+"""Read clip shards: verify and validate, skip-and-count bad samples, pack clips into token-budget batches.
+
+Verification and counts (docs/data.md). A shard with an index (`<shard>.index.json`, data/index.py) has every
+sample checked against its checksum before it is decoded, and the samples the index lists but the tar never
+yielded (truncated or corrupt tar) are counted as `lost` at the end of the shard. A shard without an index
+still reads, with one note per shard that it cannot be verified. Every problem is counted by reason
+(`stats`): a skipped sample (`checksum`, `stray file`, `video.npy: shape`, ...), lost samples, tar read
+errors, unverified shards; warnings are rate-limited per reason (LOG_FIRST in full, then one line every
+LOG_EVERY), and each reader logs a summary line after an epoch with new problems. Only a reader (or, with
+DataLoader workers, the whole loader) that finds no valid sample at all stops, with one error naming the
+config key. Every batch carries its reader's cumulative counts (`ClipBatch.data_counts`), so the counts of
+worker processes reach the main process, where `ShardLoader` keeps the latest of each worker and
+`ShardDataset.report()` sums them (training/data_report.py logs and writes them).
 
 Splitting. Shards are split by node (`webdataset.split_by_node`) and then by DataLoader worker
 (`webdataset.split_by_worker`). Where there are fewer shards than nodes (or than workers on a node), every
@@ -19,7 +31,10 @@ position: the next batch is exactly the one an uninterrupted run would have prod
   differ from an uninterrupted run. Resume with the same number of workers and nodes; other numbers give
   an approximate position. Workers skip by re-reading (webdataset has no random access).
 - Non-infinite datasets (validation) resume within the current pass only.
-- `stats` counts what this process read: with workers, each worker counts and logs its own samples.
+- `stats` counts what this process read: with workers, each worker counts and logs its own samples, and
+  `report()` in the main process sums the counts the workers sent along with their batches.
+- Counts are reads: a bad sample is counted again each epoch, and a resumed reader re-counts what it
+  re-reads while skipping to its position.
 """
 
 from __future__ import annotations
@@ -29,8 +44,9 @@ import glob
 import logging
 import os
 import random
+import tarfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +56,24 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from magi_train.data.schema import Clip, SampleError, count_tokens, validate_sample
+from magi_train.data.index import index_path, read_index, sample_digest
+from magi_train.data.schema import (
+    OPTIONAL_FIELDS,
+    REQUIRED_FIELDS,
+    Clip,
+    SampleError,
+    count_tokens,
+    validate_sample,
+)
 
 log = logging.getLogger(__name__)
 
-LOG_FIRST = 5  # problems (bad samples, unreadable tar data) reported one by one ...
-LOG_EVERY = 500  # ... then one summary line every LOG_EVERY further problems
+LOG_FIRST = 3  # problems of one reason (a skip reason, `lost`, `tar error`, ...) reported in full ...
+LOG_EVERY = 100  # ... then one line every LOG_EVERY further problems of that reason
+COUNTERS = ("seen", "valid", "skipped", "lost", "tar_errors", "unverified_shards")
+_EXAMPLES = 5  # shards named per problem reason in the counts
+_TAIL_CHUNK = 1 << 16
+_SAMPLE_MEMBERS = frozenset((*REQUIRED_FIELDS, *OPTIONAL_FIELDS, "text.txt"))
 
 
 @dataclass
@@ -60,6 +88,10 @@ class ClipBatch:
     captions: list[str] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
     lowres: list[Tensor | None] = field(default_factory=list)  # [48, T, h, w] or None (SR)
+    # cumulative counts of the reader that made the batch (ShardDataset.stats, its `reader` id, a few problem
+    # shards): they ride on the batch because DataLoader workers are other processes. A batch without
+    # clips carries counts only (a worker's last word); ShardLoader drops it after reading them.
+    data_counts: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -192,30 +224,38 @@ def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:") and url != "-"
 
 
-def expand_urls(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+_SHARD_HINT = (
+    "give shard files, a directory of .tar shards (python -m magi_train.data.prepare writes them), a brace "
+    "pattern like shard-{000000..000009}.tar, or a url webdataset opens such as pipe:...; for generated "
+    "smoke data use experiment=smoke"
+)
+
+
+def expand_urls(urls: str | os.PathLike | Iterable[str | os.PathLike], what: str = "shards") -> list[str]:
     """Shard list from a directory (its *.tar), a brace pattern, `::`-joined urls, or a list of them.
 
     Local paths must exist (a clear error now rather than tar warnings later); urls webdataset opens
-    (`pipe:...`, `s3://...` through a pipe, http) are passed through unchecked.
+    (`pipe:...`, `s3://...` through a pipe, http) are passed through unchecked. `what` names the setting in
+    error messages (`data.train_shards`).
     """
     if isinstance(urls, str | os.PathLike):
         spec = str(urls)
         if Path(spec).is_dir():
             found = sorted(glob.glob(os.path.join(spec, "*.tar")))
             if not found:
-                raise ValueError(f"shards: directory {spec} holds no .tar shards")
+                raise ValueError(f"{what}={spec}: the directory holds no .tar shards ({_SHARD_HINT})")
             return found
         out = list(wds.shardlists.expand_urls(spec))
+        if out == [spec] and _is_local(spec) and not os.path.exists(spec):
+            raise ValueError(f"{what}={spec}: no such file or directory ({_SHARD_HINT})")
     else:
         out = [str(u) for u in urls]
     if not out:
-        raise ValueError(f"shards: {urls!r} names no shard")
+        raise ValueError(f"{what}={urls!r} names no shard ({_SHARD_HINT})")
     missing = [u for u in out if _is_local(u) and not os.path.exists(u)]
     if missing:
         raise ValueError(
-            f"shards: {len(missing)} of {len(out)} local shard(s) do not exist, e.g. {missing[0]} "
-            "(give shard files, a directory, a brace pattern like shard-{000000..000009}.tar, "
-            "or a url webdataset opens such as pipe:...)"
+            f"{what}: {len(missing)} of {len(out)} local shard(s) do not exist, e.g. {missing[0]} ({_SHARD_HINT})"
         )
     return out
 
@@ -225,8 +265,61 @@ def _dist_rank_world() -> tuple[int, int]:
     return rank, world
 
 
-def _top(reasons: Counter, n: int = 3) -> str:
-    return ", ".join(f"{r} (x{c})" for r, c in reasons.most_common(n))
+def _top(reasons: Mapping[str, int], n: int = 3) -> str:
+    return ", ".join(f"{r} (x{c})" for r, c in Counter(reasons).most_common(n))
+
+
+def merge_counts(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Sum the counts of several readers (ShardDataset.stats / ClipBatch.data_counts) into one report."""
+    total = dict.fromkeys(COUNTERS, 0)
+    reasons: Counter = Counter()
+    shards: dict[str, list[str]] = {}
+    readers = 0
+    for part in parts:
+        readers += int(part.get("readers", 1))  # a snapshot is one reader, a merged report says how many
+        for name in COUNTERS:
+            total[name] += int(part.get(name, 0))
+        reasons.update(part.get("skipped_by_reason", {}))
+        for reason, urls in part.get("problem_shards", {}).items():
+            known = shards.setdefault(reason, [])
+            for url in urls:
+                if url not in known and len(known) < _EXAMPLES:
+                    known.append(url)
+    return {
+        **total,
+        "skipped_by_reason": dict(reasons.most_common()),
+        "problem_shards": shards,
+        "readers": readers,
+    }
+
+
+def summarize_counts(counts: Mapping[str, Any]) -> str:
+    """One line for people: `40 read, 35 valid; 3 skipped (checksum (x2), ...), 2 lost, ...`."""
+    problems = []
+    if counts.get("skipped"):
+        problems.append(f"{counts['skipped']} skipped ({_top(counts.get('skipped_by_reason', {}), 5)})")
+    labels = {"lost": "lost", "tar_errors": "tar errors", "unverified_shards": "unverified shards"}
+    for name, label in labels.items():
+        if counts.get(name):
+            problems.append(f"{counts[name]} {label}")
+    head = f"{counts.get('seen', 0)} samples read, {counts.get('valid', 0)} valid"
+    return f"{head}; {', '.join(problems) if problems else 'no problems'}"
+
+
+def _tail_problem(tar: tarfile.TarFile) -> str | None:
+    """Why a tar stream ended early, judged by what follows its last header; None at a proper end.
+
+    tarfile ends a stream silently at a corrupt header, or at a cut on a header boundary. A complete archive
+    ends with zero blocks (the end-of-archive marker and its padding), so anything else is a problem.
+    """
+    rest = tar.fileobj.read(_TAIL_CHUNK)
+    if not rest:
+        return "no end-of-archive marker: the tar is truncated"
+    while rest:
+        if rest.count(0) != len(rest):
+            return "a corrupt tar header: the rest of the shard cannot be read"
+        rest = tar.fileobj.read(_TAIL_CHUNK)
+    return None
 
 
 class ShardDataset(IterableDataset):
@@ -237,8 +330,10 @@ class ShardDataset(IterableDataset):
     shard order per epoch (training); otherwise one pass in the given order (validation).
     bucket_buffer: 0 packs clips in stream order (pack_by_tokens); > 0 packs each batch from one
     aspect-ratio / duration bucket, holding up to that many clips (pack_bucketed).
-    Bad samples are skipped, counted (`stats`) and logged; a shard with no valid sample among those read,
-    or a reader that finds no valid sample at all, raises ValueError naming the shards and reasons.
+    name: the setting the urls come from (`data.train_shards`), named in messages.
+    Samples are verified against the shard's index and validated; bad ones are skipped, counted (`stats`) and
+    logged (module doc). A reader that finds no valid sample at all in a pass raises ValueError naming
+    `name`, the shards and the reasons (with DataLoader workers: ShardLoader, when no worker found one).
     """
 
     def __init__(
@@ -251,6 +346,7 @@ class ShardDataset(IterableDataset):
         seed: int = 0,
         infinite: bool = False,
         bucket_buffer: int = 0,
+        name: str = "shards",
     ):
         super().__init__()
         if text_dim < 1 or max_tokens < 1 or shuffle_buffer < 0 or (max_clips is not None and max_clips < 1):
@@ -260,12 +356,18 @@ class ShardDataset(IterableDataset):
             )
         if bucket_buffer < 0:
             raise ValueError(f"ShardDataset: bucket_buffer={bucket_buffer}: 0 (no bucketing) or >= 1 clips")
-        self.bucket_buffer = bucket_buffer
-        self.urls = expand_urls(urls)
+        self.bucket_buffer, self.name = bucket_buffer, name
+        self.urls = expand_urls(urls, name)
         self.text_dim, self.max_tokens, self.max_clips = text_dim, max_tokens, max_clips
         self.shuffle_buffer, self.seed, self.infinite = shuffle_buffer, seed, infinite
-        self._counts: Counter = Counter()
-        self._reasons: Counter = Counter()
+        self._counts: Counter = Counter()  # COUNTERS of this process
+        self._reasons: Counter = Counter()  # skipped samples by reason
+        self._logged: Counter = Counter()  # problems by reason, for rate-limited warnings
+        self._problem_shards: dict[str, list[str]] = {}  # reason -> the first few shards with it
+        self._unverified: set[str] = set()  # shards noted as unverifiable (once each)
+        self._worker_counts: dict[str, dict[str, Any]] = {}  # latest counts per worker (set by ShardLoader)
+        self._reader_id = "main"
+        self._epoch_valid = 0  # valid samples of the last finished pass of this reader
         self._consumed = 0  # batches handed to the consumer of this process (see make_loader for workers)
         self._position: tuple[int, int] | None = None  # (epoch, batches of it consumed), in-process only
         self._resume: dict | None = None
@@ -277,14 +379,21 @@ class ShardDataset(IterableDataset):
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Samples seen / valid / skipped (and by `field: kind` reason) and tar-level errors, this process."""
-        return {
-            "seen": self._counts["seen"],
-            "valid": self._counts["valid"],
-            "skipped": self._counts["skipped"],
-            "tar_errors": self._counts["tar_errors"],
-            "skipped_by_reason": dict(self._reasons),
-        }
+        """What this process read: samples seen / valid / skipped (and by reason), samples lost (listed in an
+        index, never read), tar read errors, shards that could not be verified (no index)."""
+        return {**{name: self._counts[name] for name in COUNTERS}, "skipped_by_reason": dict(self._reasons)}
+
+    def _snapshot(self) -> dict[str, Any]:
+        shards = {reason: list(urls) for reason, urls in self._problem_shards.items()}
+        return {**self.stats, "problem_shards": shards, "reader": self._reader_id}
+
+    def report(self) -> dict[str, Any]:
+        """The counts of every reader of this dataset known to this process (merge_counts): its own and, with
+        DataLoader workers, the latest each worker sent with its batches."""
+        parts = list(self._worker_counts.values())
+        if not parts or any(self._counts.values()):
+            parts.insert(0, self._snapshot())
+        return merge_counts(parts)
 
     def state_dict(self) -> dict[str, int]:
         state = {"consumed": self._consumed}
@@ -345,52 +454,163 @@ class ShardDataset(IterableDataset):
 
     # -- reading -------------------------------------------------------------------------------------------
 
-    def _problem(self, counter: str, message: str) -> None:
-        """Rate-limited warning: the first LOG_FIRST problems in full, then periodic summaries."""
-        self._counts[counter] += 1
-        n = self._counts["skipped"] + self._counts["tar_errors"]
+    def _problem(self, reason: str, message: str) -> None:
+        """Rate-limited warning per reason: the first LOG_FIRST in full, then one line every LOG_EVERY."""
+        self._logged[reason] += 1
+        n = self._logged[reason]
         if n <= LOG_FIRST:
-            more = f" (further problems are summarised every {LOG_EVERY})" if n == LOG_FIRST else ""
+            more = f" (further {reason!r} problems: one line every {LOG_EVERY})" if n == LOG_FIRST else ""
             log.warning("%s%s", message, more)
         elif n % LOG_EVERY == 0:
-            log.warning(
-                "%d problems so far: %d of %d samples skipped, %d tar errors; top reasons: %s",
-                n,
-                self._counts["skipped"],
-                self._counts["seen"],
-                self._counts["tar_errors"],
-                _top(self._reasons, 5) or "-",
+            log.warning("%s: %d %r problems so far (%s)", self.name, n, reason, summarize_counts(self.stats))
+
+    def _problems(self) -> int:
+        return sum(self._counts[name] for name in COUNTERS if name not in ("seen", "valid"))
+
+    def _mark(self, url: str, reason: str) -> None:
+        urls = self._problem_shards.setdefault(reason, [])
+        if url not in urls and len(urls) < _EXAMPLES:
+            urls.append(url)
+
+    def _skip(self, url: str, reason: str, message: str, reasons: Counter) -> None:
+        self._counts["skipped"] += 1
+        self._reasons[reason] += 1
+        reasons[reason] += 1
+        self._mark(url, reason)
+        self._problem(reason, f"skipped sample ({reason}) in {url}: {message}")
+
+    def _shard_index(self, url: str) -> dict[str, str] | None:
+        """The shard's index {key: digest}, or None with one note per shard that it cannot be verified."""
+        if not _is_local(url):
+            why = "it is not a local file (indexes are read beside local shards only)"
+        else:
+            try:
+                index = read_index(url)
+            except ValueError as e:
+                why = str(e)
+            else:
+                if index is not None:
+                    return index
+                why = f"it has no index {index_path(url).name} (written by another tool or an older writer)"
+        if url not in self._unverified:
+            self._unverified.add(url)
+            self._counts["unverified_shards"] += 1
+            self._mark(url, "unverified")
+            self._problem(
+                "unverified",
+                f"shard {url} cannot be verified: {why}; samples are still validated, but lost samples and "
+                "flipped bytes in it go unnoticed (rewrite it with magi_train.data.write_shards to verify it)",
             )
+        return None
+
+    def _tar_files(self, url: str, tar_errors: list[str]) -> Iterator[tuple[str, bytes]]:
+        """(member name, bytes) of the regular files of one tar, in order; a read error ends the shard."""
+
+        def error(message: str) -> None:
+            tar_errors.append(message)
+            self._counts["tar_errors"] += 1
+            self._mark(url, "tar error")
+            self._problem("tar error", f"shard {url}: {message}")
+
+        try:
+            stream = wds.gopen(url)
+        except Exception as e:  # any failure to open is a counted tar error, never fatal
+            error(f"cannot be opened ({type(e).__name__}: {e})")
+            return
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*")
+            for info in tar:
+                if info.isreg():
+                    yield info.name, tar.extractfile(info).read()
+                tar.members = []  # a stream: keep no member list
+            problem = _tail_problem(tar)
+            if problem is not None:
+                error(problem)
+        except Exception as e:  # tarfile, zlib and OS errors alike end this shard only
+            error(f"unreadable tar data, the rest of the shard is skipped ({type(e).__name__}: {e})")
+        finally:
+            try:
+                stream.close()  # a pipe: reports a non-zero exit status here
+            except Exception as e:  # the same for a pipe that exited with an error
+                error(f"closing failed ({type(e).__name__}: {e})")
+
+    def _tar_samples(self, url: str, tar_errors: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """(key, {suffix: bytes}) per sample, grouping consecutive files as webdataset does (key = the name up
+        to its first dot). A file without a dot in its name comes alone with no members (a stray file)."""
+        key, members = None, {}
+        for name, data in self._tar_files(url, tar_errors):
+            prefix, suffix = wds.tariterators.base_plus_ext(name)
+            if prefix is None or prefix != key or suffix.lower() in members:
+                if key is not None:
+                    yield key, members
+                key, members = prefix, {}
+            if prefix is None:
+                yield name, {}
+                continue
+            members[suffix.lower()] = data
+        if key is not None:
+            yield key, members
+
+    @staticmethod
+    def _check(key: str, members: dict[str, bytes], index: dict[str, str] | None, done: set[str]):
+        """(reason, message) of a sample that must not be decoded, else None."""
+        if not members.keys() & _SAMPLE_MEMBERS:
+            return (
+                "stray file",
+                f"{key!r} (members {sorted(members)}): not a sample, a file that does not belong",
+            )
+        if key in done:
+            return "duplicate key", f"{key!r}: a second sample with this key in the shard"
+        if index is not None:
+            if key not in index:
+                return "not in index", f"{key!r}: the shard's index does not list it"
+            if sample_digest(members) != index[key]:
+                return (
+                    "checksum",
+                    f"{key!r}: its bytes do not match the checksum in the shard's index (corrupt)",
+                )
+        return None
 
     def _read_shard(self, url: str, reasons: Counter, tar_errors: list[str]) -> Iterator[Clip]:
-        def on_tar_error(exn: Exception) -> bool:
-            msg = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
-            tar_errors.append(msg)
-            self._problem("tar_errors", f"unreadable tar data in {url} skipped: {msg}")
-            return True  # warn and continue with the next sample / shard
-
-        read = valid = 0
-        for raw in wds.tarfile_to_samples(handler=on_tar_error)(iter([{"url": url}])):
-            read += 1
+        index = self._shard_index(url)
+        unread = dict.fromkeys(index or ())  # the index's keys not read yet, in tar order
+        done: set[str] = set()
+        for key, members in self._tar_samples(url, tar_errors):
             self._counts["seen"] += 1
-            try:
-                clip = validate_sample(raw, self.text_dim)
-            except SampleError as e:
-                reasons[e.label] += 1
-                self._reasons[e.label] += 1
-                self._problem("skipped", f"skipped bad sample in {url}: {e}")
+            problem = self._check(key, members, index, done)
+            done.add(key)
+            unread.pop(key, None)
+            if problem is not None:
+                self._skip(url, *problem, reasons)
                 continue
-            valid += 1
+            try:
+                clip = validate_sample({"__key__": key, **members}, self.text_dim)
+            except SampleError as e:
+                self._skip(url, e.label, str(e), reasons)
+                continue
             self._counts["valid"] += 1
             yield clip
-        if read and not valid:  # a shard of garbage is a data bug, not noise: stop and say which one
-            raise ValueError(
-                f"shard {url}: none of its {read} samples is valid; most common problems: "
-                f"{_top(reasons)}. Fix or regenerate the shard, or remove it from the shard list."
+        if unread:  # listed in the index, never read: the tar is truncated or corrupt
+            n = len(unread)
+            self._counts["lost"] += n
+            reasons["lost"] += n
+            self._mark(url, "lost")
+            self._problem(
+                "lost",
+                f"shard {url}: {n} of the {len(index)} samples of its index were never read (truncated or "
+                f"corrupt tar; the first: {next(iter(unread))!r}): lost",
             )
+
+    def _nothing_valid(self, where: str, detail: str, counts: Mapping[str, Any]) -> ValueError:
+        return ValueError(
+            f"{self.name}: no valid sample in any of the {len(self.urls)} shard(s) {where}: {detail}. "
+            f"Counts: {summarize_counts(counts)}. Fix or regenerate the shards, or point {self.name} at "
+            "other shards."
+        )
 
     def _epoch_clips(self, epoch: int, reader: tuple[int, int, int, int, bool]) -> Iterator[Clip]:
         shards, stride, offset = self._assign(epoch, reader)
+        before = self._problems()
         index = 0
         report: dict[str, str] = {}
         for url in shards:
@@ -402,12 +622,21 @@ class ShardDataset(IterableDataset):
                 if keep:
                     yield clip
             report[url] = _top(reasons) or (tar_errors[-1] if tar_errors else "no samples")
-        if shards and index == 0:
+        self._epoch_valid = index
+        if self._problems() != before:  # the summary line of a pass with problems
+            log.warning(
+                "%s: reader %s, after epoch %d: %s",
+                self.name,
+                self._reader_id,
+                epoch,
+                summarize_counts(self.stats),
+            )
+        if shards and index == 0 and get_worker_info() is None:  # workers: ShardLoader decides (all of them)
+            rank, world = reader[0], reader[1]
             listed = "; ".join(f"{u}: {r}" for u, r in list(report.items())[:5])
             more = f" and {len(report) - 5} more" if len(report) > 5 else ""
-            raise ValueError(
-                f"no valid sample in any of the {len(shards)} shard(s) of this reader: {listed}{more}"
-            )
+            where = "of this reader" + (f" (rank {rank} of {world})" if world > 1 else "")
+            raise self._nothing_valid(where, listed + more, self.stats)
 
     def _shuffled(self, clips: Iterator[Clip], rng: random.Random) -> Iterator[Clip]:
         if self.shuffle_buffer <= 1:
@@ -435,10 +664,14 @@ class ShardDataset(IterableDataset):
             return 0, max(0, -(-(consumed - worker) // workers))
         return 0, consumed
 
+    def _counts_only(self) -> ClipBatch:
+        return ClipBatch(keys=[], video=[], audio=[], text=[], data_counts=self._snapshot())
+
     def __iter__(self) -> Iterator[ClipBatch]:
         reader = self._reader()
         rank, _, worker, workers, _ = reader
         in_process = get_worker_info() is None
+        self._reader_id = f"rank{rank}/worker{worker}"
         epoch, skip = self._start(workers, worker, in_process)
         while True:
             rng = random.Random(f"clips:{self.seed}:{epoch}:{rank}:{worker}")
@@ -456,19 +689,27 @@ class ShardDataset(IterableDataset):
                 if in_process:
                     self._consumed += 1
                     self._position = (epoch, produced)
+                batch.data_counts = self._snapshot()
                 yield batch
             if not self.infinite:
                 if in_process:
                     self._position = None  # a finished pass: the next iteration starts a new one
+                else:
+                    yield self._counts_only()  # the counts after the last batch
                 return
-            if produced == 0:  # valid samples exist (else _epoch_clips raised) but none for this reader
-                log.warning(
-                    "reader rank %d worker %d got no clip in epoch %d: it stops; give the dataset more "
-                    "clips than nodes x workers",
-                    rank,
-                    worker,
-                    epoch,
-                )
+            if produced == 0:
+                if self._epoch_valid == 0:  # only in a worker: in-process, _epoch_clips raised
+                    log.warning(
+                        "%s: reader %s found no valid sample in its shards in epoch %d: it stops (the other "
+                        "workers go on)", self.name, self._reader_id, epoch,
+                    )  # fmt: skip
+                else:
+                    log.warning(
+                        "%s: reader %s got no clip in epoch %d: it stops; give the dataset more clips than "
+                        "nodes x workers", self.name, self._reader_id, epoch,
+                    )  # fmt: skip
+                if not in_process:
+                    yield self._counts_only()
                 return
             epoch += 1
 
@@ -491,15 +732,32 @@ class ShardLoader(DataLoader):
 
     @staticmethod
     def _counting(it: Iterator[ClipBatch], ds: ShardDataset) -> Iterator[ClipBatch]:
+        produced = 0
         for batch in it:
+            if batch.data_counts:
+                ds._worker_counts[batch.data_counts["reader"]] = batch.data_counts
+            if not len(batch):  # counts only: a worker's last word
+                continue
             ds._consumed += 1
+            produced += 1
             yield batch
+        if not produced:  # every worker stopped without a clip: the one data problem that stops a run
+            counts = ds.report()
+            detail = f"most common problems: {_top(counts['skipped_by_reason']) or '-'}"
+            examples = sorted({u for urls in counts["problem_shards"].values() for u in urls})[:5]
+            if examples:
+                detail += f"; shards with problems include {', '.join(examples)}"
+            raise ds._nothing_valid(f"(read by {counts['readers']} DataLoader worker(s))", detail, counts)
 
 
-def make_loader(dataset: ShardDataset, num_workers: int = 0, pin_memory: bool | None = None) -> DataLoader:
+def make_loader(
+    dataset: ShardDataset, num_workers: int = 0, pin_memory: bool | None = None, seed: int = 0
+) -> DataLoader:
     """DataLoader over an already batching dataset: batch_size=None, identity collate, persistent workers.
 
-    pin_memory defaults to "CUDA is available" (ClipBatch.pin_memory pins every tensor).
+    pin_memory defaults to "CUDA is available" (ClipBatch.pin_memory pins every tensor). The loader draws its
+    workers' base seed from a generator of its own (seeded by `seed`), never from the global torch RNG: a
+    validation pass between two training steps then leaves the training stream untouched (exact resume).
     """
     return ShardLoader(
         dataset,
@@ -508,4 +766,5 @@ def make_loader(dataset: ShardDataset, num_workers: int = 0, pin_memory: bool | 
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -1,4 +1,5 @@
-"""Write clips as webdataset tar shards (DESIGN.md "Shard format"): .npy without pickle, atomic per shard."""
+"""Write clips as webdataset tar shards (DESIGN.md "Shard format"): .npy without pickle, atomic per shard, each
+with an index of its samples and their checksums beside it (data/index.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from magi_train.data.index import index_path, sample_digest, write_index
 from magi_train.data.schema import check_clip_arrays, encode_npy
 from magi_train.utils.fileio import atomic_stream
 
@@ -78,22 +80,26 @@ def _checked_samples(
 
 
 def _write_tar(path: Path, first: dict[str, Any], rest: Iterable[dict[str, Any]]) -> int:
-    """Stream samples into one tar at `path` (atomic: nothing appears there unless all were written)."""
-    count = 0
+    """Stream samples into one tar at `path`, then its index (both atomic: nothing appears under either name
+    unless it was completely written)."""
+    index_path(path).unlink(missing_ok=True)  # a stale index must never describe the new tar
+    digests: dict[str, str] = {}
     with atomic_stream(path) as stream:
         sink = wds.TarWriter(stream, encoder=False, mtime=0.0)  # mtime: reproducible bytes
         for sample in itertools.chain([first], rest):
             sink.write(sample)
-            count += 1
+            # exactly the members TarWriter wrote: it skips keys starting with "_"
+            digests[sample["__key__"]] = sample_digest({k: v for k, v in sample.items() if k[0] != "_"})
         sink.close()  # writes the tar end and closes the tar only; atomic_stream syncs and renames the file
-    return count
+    write_index(path, digests)
+    return len(digests)
 
 
 def write_shard(
     path: str | Path, samples: Iterable[Any], video_dtype: Any = np.float16, text_dim: int | None = None
 ) -> int:
-    """Write all `samples` (Clip-like, see clip_to_sample) as one shard at `path`, atomically; returns how
-    many. With no samples nothing is written and `path` is left as it was."""
+    """Write all `samples` (Clip-like, see clip_to_sample) as one shard at `path`, atomically, and its index
+    `<path>.index.json`; returns how many. With no samples nothing is written and `path` is left as it was."""
     checked = _checked_samples(samples, video_dtype, text_dim)
     first = next(checked, None)
     return 0 if first is None else _write_tar(Path(path), first, checked)
@@ -112,7 +118,8 @@ def write_shards(
 
     samples: Clip-like objects (see clip_to_sample). Video (and image/lowres) are stored as video_dtype,
     text as float16, audio as float32. Each shard is written to a hidden temporary file in out_dir, synced
-    and renamed into place when complete, so a crash never leaves a partial shard under a final name.
+    and renamed into place when complete, so a crash never leaves a partial shard under a final name; its
+    index `<shard>.index.json` (sample count and checksums, data/index.py) follows the same way.
     Refuses to mix with existing `prefix-*.tar` shards unless overwrite=True, which also deletes stale
     shards of that prefix beyond the ones written (a re-run with fewer clips leaves no old shard behind).
     """
@@ -140,5 +147,6 @@ def write_shards(
         for stale in existing:
             if str(stale) not in paths:
                 stale.unlink(missing_ok=True)
+                index_path(stale).unlink(missing_ok=True)
                 log.info("removed stale shard %s", stale)
     return paths

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 
 from magi_train.config import DistillConfig, EvalConfig, GenerateConfig
@@ -50,6 +54,21 @@ def sampling_model(pl_module: L.LightningModule) -> tuple[torch.nn.Module, bool,
     return pl_module.model, False, None
 
 
+@contextmanager
+def training_rng_untouched() -> Iterator[None]:
+    """Restore the global RNG states (torch, CUDA, NumPy, Python) afterwards: sampling, codec loading and scoring
+    draw from them, and the training stream must go on as if they had not run (exact resume with the callback
+    on, which a resumed run does not repeat)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
 class EvalCallback(L.Callback):
     """Every `every_n_steps` optimizer steps: sample, score and log `eval/<column>` (and `eval/<column>_low/_high`).
 
@@ -76,7 +95,8 @@ class EvalCallback(L.Callback):
             return
         self._last_step = step
         if trainer.is_global_zero:
-            self.evaluate(trainer, pl_module, step)
+            with training_rng_untouched():
+                self.evaluate(trainer, pl_module, step)
         trainer.strategy.barrier("magi_train_eval_callback")
 
     @torch.no_grad()

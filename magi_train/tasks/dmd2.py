@@ -4,8 +4,8 @@ Three roles share the DiT architecture: the frozen teacher (real score, CFG insi
 trainable, initialised from the teacher) and the student (generator). The LightningModule wires the pure
 functions of `magi_train.flow.dmd` together under manual optimisation: the critic steps every iteration,
 the student every `generator_every` iterations (two-time-scale rule), each role with its own AdamW,
-clipping and schedule. `trainer.global_step` counts iterations (critic updates). The student's EMA and the
-validation samples of its 8-step sampler are handled by `tasks/ema.py StudentEMA` and `validation_step`.
+clipping, schedule and non-finite guard (tasks/guard.py). `trainer.global_step` counts iterations (critic
+steps, a skipped one included). The student's EMA and the validation samples of its 8-step sampler are handled by `tasks/ema.py StudentEMA` and `validation_step`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from magi_train.flow.matching import Mode, condition_velocities, drop_text, impo
 from magi_train.flow.sampling import sample_distilled
 from magi_train.models.dit import TEXT, DiT, PackedSeq
 from magi_train.tasks.ema import EMA_KEY
+from magi_train.tasks.guard import NonFiniteGuard, check_checkpoint_finite, grad_norm
 from magi_train.tasks.optim import build_optimizer
 from magi_train.tasks.pretrain import load_null_text
 from magi_train.utils.fileio import atomic_file
@@ -152,6 +153,7 @@ class DMD2Task(L.LightningModule):
         seed: int = 0,
         accumulate: int = 1,
         sample_dir: str | None = None,
+        max_nonfinite_steps: int = 20,
     ):
         super().__init__()
         validate_distill(cfg)
@@ -182,6 +184,11 @@ class DMD2Task(L.LightningModule):
         self.generator_stepped = False  # read (and reset) by StudentEMA after each generator update
         self._micro = 0  # micro-batch within the current iteration (gradient accumulation)
         self._gen_logs: dict[str, Tensor] = {}
+        # non-finite steps are skipped and counted per role (tasks/guard.py)
+        self.guards = {
+            role: NonFiniteGuard(max_nonfinite_steps, f"distill.{role}.optim.lr", role)
+            for role in ("student", "critic")
+        }
 
     def train(self, mode: bool = True) -> DMD2Task:
         super().train(mode)
@@ -319,50 +326,62 @@ class DMD2Task(L.LightningModule):
         if it % c.generator_every == 0:
             self.toggle_optimizer(opt_s)  # only student parameters take gradients in this phase
             loss, x_g, logs = self.generator_objective(x_k, k, cond, uncond, noise_gen)
+            self.guards["student"].observe(loss)
             self.manual_backward(loss / acc)
             self.untoggle_optimizer(opt_s)
             self._gen_logs = logs
             if last:
-                self._gen_logs["grad_norm_student"] = self._step(
-                    opt_s, sched_s, c.student.optim.grad_clip, counted=False
+                self._gen_logs["grad_norm_student"], stepped = self._step(
+                    opt_s, sched_s, c.student.optim.grad_clip, "student"
                 )
-                self.generator_stepped = True
+                self.generator_stepped = stepped  # the EMA follows updates taken only
         else:
             with torch.no_grad():
                 x_g = dmd.student_x0(self.student_score, x_k, self.student_sigmas[k], cond)
 
         loss_c, logs_c = self.critic_objective(x_g, real, cond, noise_gen)
+        self.guards["critic"].observe(loss_c)
         self.manual_backward(loss_c / acc)
         if last:
-            logs_c["grad_norm_critic"] = self._step(opt_c, sched_c, c.critic.optim.grad_clip, counted=True)
+            logs_c["grad_norm_critic"], _ = self._step(opt_c, sched_c, c.critic.optim.grad_clip, "critic")
+        for role, guard in self.guards.items():
+            logs_c[f"nonfinite_steps_{role}"] = torch.tensor(float(guard.total))
+        logs_c["nonfinite_steps"] = torch.tensor(float(sum(g.total for g in self.guards.values())))
 
         n = len(batch)
-        # generator values are re-logged until the next generator update, so that every logged row has them
-        for name, value in {**self._gen_logs, **logs_c}.items():
+        # generator values are logged on the iterations that computed them (every generator_every-th, TTUR)
+        gen_logs, self._gen_logs = self._gen_logs, {}
+        for name, value in {**gen_logs, **logs_c}.items():
             self.log(f"train/{name}", value, batch_size=n, prog_bar=name in ("dmd_loss", "critic_loss"))
         self.log("train/lr_student", opt_s.param_groups[0]["lr"], batch_size=n)
         self.log("train/lr_critic", opt_c.param_groups[0]["lr"], batch_size=n)
         self.log("train/clips", float(n), batch_size=n)
 
-    def _step(self, opt, sched, clip: float, counted: bool) -> Tensor:
-        """Clip, step, zero and schedule one role; returns the pre-clip grad norm (local to the rank if sharded)."""
-        grads = [
-            p.grad.detach().float().norm()
-            for g in opt.param_groups
-            for p in g["params"]
-            if p.grad is not None
-        ]
-        norm = torch.stack(grads).norm() if grads else torch.zeros(())
+    def _step(self, opt, sched, clip: float, role: str) -> tuple[Tensor, bool]:
+        """Clip, step, zero and schedule one role, unless its loss or gradient norm is not finite (then skipped and
+        counted by the role's guard). Returns the pre-clip grad norm (local to the rank if sharded) and whether the
+        update was taken."""
+        norm = grad_norm(p for g in opt.param_groups for p in g["params"])
+        counted = role == "critic"  # counted by Lightning: global_step = critic steps = iterations
+        if not self.guards[role].check(norm, self.global_step, self.trainer.strategy.reduce_boolean_decision):
+            opt.zero_grad(set_to_none=True)
+            if counted:
+                # Still stepped, with no gradients (AdamW then changes nothing): global_step must advance, since
+                # max_steps, the data position and every noise seed follow it; so the skipped iteration is consumed
+                # as in an uninterrupted run (exact resume) and the next one draws new noise. No schedule step: the
+                # role's LR follows the updates it took.
+                opt.step()
+            return norm, False
         if clip > 0:
             self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
         if counted:
-            opt.step()  # counted by Lightning: global_step = critic updates = iterations
+            opt.step()
         else:
             # same strategy/precision path as LightningOptimizer.step, without counting a second global step
             self.trainer.strategy.optimizer_step(opt.optimizer, closure=_noop)
         opt.zero_grad(set_to_none=True)
         sched.step()
-        return norm
+        return norm, True
 
     def configure_optimizers(self):
         max_steps = self.trainer.max_steps if self._trainer is not None else 0
@@ -443,6 +462,14 @@ class DMD2Task(L.LightningModule):
                     checkpoint[key] = {
                         k: v for k, v in checkpoint[key].items() if not k.startswith("teacher.")
                     }
+        # after StudentEMA's hook (the shadow is in state_dict) and before Lightning writes anything
+        check_checkpoint_finite(
+            checkpoint,
+            self.global_step,
+            "distill.student/critic.optim.lr",
+            self.trainer.strategy.reduce_boolean_decision,
+        )
+        checkpoint["nonfinite_guard"] = {role: guard.state_dict() for role, guard in self.guards.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "current_model_state" in checkpoint:  # StudentEMA layout: state_dict holds the EMA student
@@ -462,6 +489,8 @@ class DMD2Task(L.LightningModule):
                 f"{missing[:6]} ({len(missing)}), unexpected {unexpected[:6]} ({len(unexpected)})"
             )
         self._micro = 0  # checkpoints are written at iteration boundaries
+        for role, state in checkpoint.get("nonfinite_guard", {}).items():
+            self.guards[role].load_state_dict(state)
 
 
 def validate_distill(cfg: DistillConfig) -> None:

@@ -25,6 +25,7 @@ from magi_train.flow import (
     velocity_target,
 )
 from magi_train.models.dit import DiT
+from magi_train.tasks.guard import NonFiniteGuard, check_checkpoint_finite, grad_norm
 from magi_train.tasks.optim import build_optimizer
 
 
@@ -56,11 +57,14 @@ class PretrainTask(L.LightningModule):
         max_steps: int,
         text_dim: int,
         seed: int = 0,
+        max_nonfinite_steps: int = 20,
     ):
         super().__init__()
         self.model = model  # already initialised and parallelize()d by the caller
         self.flow_cfg, self.optim_cfg = flow_cfg, optim_cfg
         self.max_steps, self.seed = max_steps, seed
+        self.guard = NonFiniteGuard(max_nonfinite_steps)
+        self._hold_schedule = False  # the current step was skipped: lr_scheduler_step leaves the schedule
         self.register_buffer("null_text", load_null_text(flow_cfg.null_text, text_dim), persistent=False)
 
     # -- the objective -----------------------------------------------------------------------------------
@@ -95,6 +99,7 @@ class PretrainTask(L.LightningModule):
 
     def training_step(self, batch: ClipBatch, batch_idx: int) -> Tensor:
         out = self.flow_loss(batch)
+        self.guard.observe(out["loss"])
         n = len(batch)
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
         self.log("train/loss_video", out["loss_video"], batch_size=n)
@@ -117,29 +122,57 @@ class PretrainTask(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
-            if norms:
-                self.log("train/grad_norm", torch.stack(norms).norm())
+        # after backward (and the unscaling of fp16 gradients), before clipping and the step
+        norm = grad_norm(self.model.parameters())
+        ok = self.guard.check(norm, self.global_step, self.trainer.strategy.reduce_boolean_decision)
+        if not ok:
+            # Skipped, yet the step is taken with no gradients (AdamW then changes nothing), so global_step still
+            # advances: it counts the batches consumed, and the data position, checkpoint cadence and max_steps
+            # follow it, so a resumed run replays an uninterrupted one exactly.
+            optimizer.zero_grad(set_to_none=True)
+        self._hold_schedule = not ok
+        # every step (the guard computes it anyway): Lightning writes the value of the step it logs
+        self.log("train/grad_norm", norm)
         self.log("train/lr", optimizer.param_groups[0]["lr"])
+        self.log("train/nonfinite_steps", float(self.guard.total))
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        # The schedule follows the updates taken: a skipped warm-up step must not raise the next step's LR.
+        if not self._hold_schedule:
+            super().lr_scheduler_step(scheduler, metric)
 
     # -- exact resume: RNG state travels with the checkpoint -----------------------------------------------
 
     # Stored as tensors and plain Python values only, so the checkpoint loads with weights_only=True.
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # after the callbacks' hooks (EMA layouts included) and before Lightning writes anything
+        check_checkpoint_finite(
+            checkpoint, self.global_step, "optim.lr", self.trainer.strategy.reduce_boolean_decision
+        )
+        checkpoint["nonfinite_guard"] = self.guard.state_dict()
         np_state = np.random.get_state()
-        checkpoint["rng"] = {
+        rng = {
             "torch": torch.get_rng_state(),
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
             "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
+        # every rank draws its own noise (its clips differ): each rank's state is saved, rank 0 writes them all
+        checkpoint["rng"] = rng
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            per_rank = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, rng)
+            checkpoint["rng_per_rank"] = per_rank
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Applied just before the first resumed step: building the dataloader iterator in between draws
         # from the global RNG, which the uninterrupted run did at its start, not at this step.
-        self._resume_rng = checkpoint.get("rng")
+        per_rank = checkpoint.get("rng_per_rank") or []
+        same_world = len(per_rank) == self.trainer.world_size
+        self._resume_rng = per_rank[self.global_rank] if same_world else checkpoint.get("rng")
+        if "nonfinite_guard" in checkpoint:
+            self.guard.load_state_dict(checkpoint["nonfinite_guard"])
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         rng, self._resume_rng = getattr(self, "_resume_rng", None), None

@@ -37,6 +37,7 @@ from magi_train.tasks.dmd2 import DMD2Task, validate_distill
 from magi_train.tasks.ema import StudentEMA
 from magi_train.tasks.pretrain import PretrainTask
 from magi_train.tasks.super_resolution import SuperResolutionTask
+from magi_train.training.data_report import DataReport
 from magi_train.training.resume import find_resume_checkpoint
 from magi_train.training.strategies import strategy_applies_activation_checkpointing
 from magi_train.training.trainer import build_trainer
@@ -67,16 +68,20 @@ class TrainerNodes:
 
 
 def start_run(ctx: RunContext, nodes: TrainerNodes) -> str | None:
-    """Create the run directory, seed every RNG, write config.yaml; returns the checkpoint to resume from."""
-    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    """Create the run directory, write config.yaml, seed every RNG; returns the checkpoint to resume from."""
     ckpt_path = find_resume_checkpoint(ctx.run_dir, ctx.ckpt_path, ctx.resume, nodes.trainer.slurm_requeue)
+    try:
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(ctx.run_dir / "config.yaml", yaml.safe_dump(ctx.resolved, sort_keys=False))
+    except OSError as err:
+        raise ValueError(
+            f"cannot write the run directory {ctx.run_dir} ({err.strerror}): pass hydra.run.dir=<a writable directory>"
+        ) from err
     L.seed_everything(ctx.seed, workers=True)
-    atomic_write(ctx.run_dir / "config.yaml", yaml.safe_dump(ctx.resolved, sort_keys=False))
     return ckpt_path
 
 
-def _resume_holds_teacher(ctx: RunContext, nodes: TrainerNodes) -> bool:
-    ckpt_path = find_resume_checkpoint(ctx.run_dir, ctx.ckpt_path, ctx.resume, nodes.trainer.slurm_requeue)
+def _holds_teacher(ckpt_path: str | None) -> bool:
     if ckpt_path is None:
         return False
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
@@ -93,6 +98,7 @@ def fit(
     **trainer_options: Any,
 ) -> dict[str, Any]:
     """Build the Trainer (training/trainer.py build_trainer) and train `task`; returns the final step and run_dir."""
+    callbacks = [*callbacks, DataReport(ctx.run_dir)]  # skip counts per reason -> metrics, data_report.json
     trainer = build_trainer(
         nodes.trainer,
         nodes.strategy,
@@ -153,6 +159,7 @@ def run_pretrain(
         max_steps=nodes.trainer.max_steps,
         text_dim=data.text_dim,
         seed=ctx.seed,
+        max_nonfinite_steps=nodes.trainer.max_nonfinite_steps,
     )
     if sr is not None:
         task = SuperResolutionTask(
@@ -254,10 +261,10 @@ def run_distill(
         return {"parameters": counts.total}
     assert data is not None, "only a dry run goes without data"
 
-    holds_teacher = _resume_holds_teacher(ctx, nodes)  # else the teacher is loaded from its own checkpoint
+    ckpt_path = start_run(ctx, nodes)
+    holds_teacher = _holds_teacher(ckpt_path)  # else the teacher is loaded from its own checkpoint
     if not holds_teacher:
         check_source(distill.teacher.checkpoint, "distill.teacher.checkpoint")
-    ckpt_path = start_run(ctx, nodes)
     accumulate = nodes.trainer.accumulate_grad_batches
     datamodule = DistillDataModule(data, accumulate)
     teacher, critic, student = build_roles(
@@ -269,7 +276,7 @@ def run_distill(
     )
     task = DMD2Task(
         teacher, critic, student, distill, text_dim=data.text_dim, seed=ctx.seed, accumulate=accumulate,
-        sample_dir=str(ctx.run_dir / "samples"),
+        sample_dir=str(ctx.run_dir / "samples"), max_nonfinite_steps=nodes.trainer.max_nonfinite_steps,
     )  # fmt: skip
     ema = distill.ema
     own = [StudentEMA(ema.decay, ema.start_step, ema.on_cpu)] if ema.decay > 0 else []

@@ -18,6 +18,7 @@ from torch import nn
 
 from magi_train.config import StrategyConfig
 from magi_train.models.dit import ModalityLinear, TransformerLayer
+from magi_train.training.checkpoint_io import MarkedDirectoryCheckpoints
 
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3")
 # Strategies whose parameters or optimizer states are split across ranks: their checkpoints are directories
@@ -83,8 +84,9 @@ def _fsdp_classes():
                 raise RuntimeError("FSDP gradient clipping before the model was wrapped")
             self.root.clip_grad_norm_(clip_val)
 
-    class MagiFSDPStrategy(FSDPStrategy):
-        """FSDPStrategy that hands the wrapped root module to ClippingFSDPPrecision."""
+    class MagiFSDPStrategy(MarkedDirectoryCheckpoints, FSDPStrategy):
+        """FSDPStrategy that hands the wrapped root module to ClippingFSDPPrecision; sharded checkpoint
+        directories get a completion marker (training/checkpoint_io.py)."""
 
         def _setup_model(self, model: nn.Module) -> nn.Module:
             model = super()._setup_model(model)
@@ -172,8 +174,9 @@ def _deepspeed_class():
     """DeepSpeedStrategy subclass, built on first use (deepspeed imports are slow; tests swap the base)."""
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    class MagiDeepSpeedStrategy(DeepSpeedStrategy):
-        """DeepSpeedStrategy whose ZeRO-3 engine does not trace the DiT root (see unhook_packed_outputs)."""
+    class MagiDeepSpeedStrategy(MarkedDirectoryCheckpoints, DeepSpeedStrategy):
+        """DeepSpeedStrategy whose ZeRO-3 engine does not trace the DiT root (see unhook_packed_outputs) and whose
+        checkpoint directories get a completion marker (training/checkpoint_io.py)."""
 
         def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
             engine, ds_optimizer = super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)

@@ -14,6 +14,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from magi_train.config import EMAConfig, LoggerConfig, StrategyConfig, TrainerConfig
 from magi_train.tasks.ema import EMA
+from magi_train.training.checkpoint_io import AtomicCheckpointIO
 from magi_train.training.csv_log import RunCSVLogger
 from magi_train.training.progress import StepProgressBar
 from magi_train.training.strategies import SHARDED, build_strategy
@@ -100,7 +101,9 @@ def build_trainer(
     if trainer.enable_progress_bar:
         callbacks.append(StepProgressBar())  # the step out of max_steps (Lightning's bar shows epochs)
     precision = resolve_precision(trainer.precision)
-    plugins = [SLURMEnvironment(auto_requeue=trainer.slurm_requeue)] if SLURMEnvironment.detect() else None
+    plugins: list[Any] = [AtomicCheckpointIO()]  # checkpoint files complete or absent, on any file system
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=trainer.slurm_requeue))
     accumulate = (
         trainer.accumulate_grad_batches if accumulate_grad_batches is None else accumulate_grad_batches
     )

@@ -37,7 +37,10 @@ def test_round_trip_keeps_keys_and_values(shards):
     ds = ShardDataset(shards, text_dim=D, max_tokens=10_000)
     batches = list(ds)
     assert sorted(all_keys(batches)) == sorted(src)
-    assert ds.stats == {"seen": 40, "valid": 40, "skipped": 0, "tar_errors": 0, "skipped_by_reason": {}}
+    assert ds.stats == {
+        "seen": 40, "valid": 40, "skipped": 0, "lost": 0, "tar_errors": 0, "unverified_shards": 0,
+        "skipped_by_reason": {},
+    }  # fmt: skip
     for b in batches:
         for i, key in enumerate(b.keys):
             c = src[key]
@@ -51,6 +54,8 @@ def test_round_trip_keeps_keys_and_values(shards):
     assert ShardDataset(f"{folder}/synthetic-{{000000..000003}}.tar", D, 100).urls == shards
     with pytest.raises(ValueError, match="do not exist"):
         ShardDataset(f"{folder}/nope-{{0..1}}.tar", D, 100)
+    with pytest.raises(ValueError, match=r"^data.train_shards=.*/gone: no such file or directory"):
+        ShardDataset(f"{folder}/gone", D, 100, name="data.train_shards")
 
 
 def test_mixed_sizes_pack_greedily_under_the_budget(shards):
@@ -83,33 +88,37 @@ def test_oversized_clip_is_its_own_batch(caplog):
 
 
 def test_corrupt_samples_are_skipped_and_counted_by_reason(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(reader, "LOG_FIRST", 3)
-    monkeypatch.setattr(reader, "LOG_EVERY", 4)
+    monkeypatch.setattr(reader, "LOG_FIRST", 2)
+    monkeypatch.setattr(reader, "LOG_EVERY", 3)
     path = tmp_path / "bad.tar"
     expected = write_corrupt_shard(path, D, good=3)
     ds = ShardDataset([str(path)], text_dim=D, max_tokens=10_000)
     with caplog.at_level(logging.WARNING, logger="magi_train.data.reader"):
-        keys = all_keys(ds)
-    assert keys == ["good-0", "good-1", "good-2"]
+        keys = all_keys(ds) + all_keys(ds) + all_keys(ds)  # three passes: each reason three times
+    assert keys == ["good-0", "good-1", "good-2"] * 3
     n_bad = len(expected)
-    assert ds.stats["seen"] == 3 + n_bad and ds.stats["valid"] == 3 and ds.stats["skipped"] == n_bad
-    assert ds.stats["skipped_by_reason"] == dict(Counter(expected.values()))
-    # rate-limited: 3 in full (naming key and shard), then a summary every 4 problems
+    assert ds.stats["seen"] == 3 * (3 + n_bad) and ds.stats["valid"] == 9 and ds.stats["skipped"] == 3 * n_bad
+    assert ds.stats["skipped_by_reason"] == {r: 3 * n for r, n in Counter(expected.values()).items()}
+    assert ds.stats["unverified_shards"] == 1  # written without an index: noted once, not once per pass
+    # rate-limited per reason: the first 2 of each in full (naming key and shard), then one line every 3
     records = [r.getMessage() for r in caplog.records if r.name == "magi_train.data.reader"]
-    assert len(records) == 3 + n_bad // 4
-    assert "bad-channels" in records[0] and "bad.tar" in records[0] and "video.npy: shape" in records[0]
-    assert all("problems so far" in m for m in records[3:])
+    assert "bad-channels" in records[1] and "bad.tar" in records[1] and "video.npy: shape" in records[1]
+    for reason in set(expected.values()):
+        full = [m for m in records if m.startswith(f"skipped sample ({reason}) in")]
+        assert len(full) == 2, reason
+        assert sum("problems so far" in m and repr(reason) in m for m in records) == 1, reason
+    assert sum("cannot be verified" in m for m in records) == 1
+    assert sum("after epoch" in m for m in records) == 3  # one summary line per pass
 
 
-def test_shard_full_of_garbage_is_a_clear_error(tmp_path, shards, caplog):
+def test_only_a_dataset_without_any_valid_sample_stops(tmp_path, shards, caplog):
     allbad = tmp_path / "allbad.tar"
     write_corrupt_shard(allbad, D, good=0)
-    with pytest.raises(
-        ValueError,
-        match=r"allbad.tar: none of its 15 samples is valid; most common problems: "
-        r"video.npy: .*\(x\d\)",
-    ):
-        list(ShardDataset([shards[0], str(allbad)], text_dim=D, max_tokens=1000))
+    ds = ShardDataset([shards[0], str(allbad)], text_dim=D, max_tokens=1000)
+    assert len(all_keys(ds)) == 10  # a shard of garbage beside a good one: counted, not fatal
+    assert ds.stats["skipped"] == 15 and ds.stats["valid"] == 10
+    with pytest.raises(ValueError, match=r"no valid sample in any of the 1 shard.*allbad.tar: video.npy: "):
+        list(ShardDataset([str(allbad)], text_dim=D, max_tokens=1000))
     # bytes that are not a tar: warned and skipped while other shards are fine ...
     garbage = tmp_path / "garbage.tar"
     garbage.write_bytes(np.random.default_rng(0).bytes(20_000))

@@ -1,5 +1,7 @@
 """Shard writer: atomic shards, refusing bad clips and stale shard sets, reproducible bytes, dtype options."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -28,7 +30,8 @@ def test_shards_are_named_counted_and_complete(tmp_path):
         "shard-000002.tar",
     ]
     assert [len(read_back(p)) for p in paths] == [2, 2, 1]
-    assert sorted(q.name for q in tmp_path.iterdir()) == sorted(p.rsplit("/", 1)[1] for p in paths)
+    names = [p.rsplit("/", 1)[1] for p in paths]
+    assert sorted(q.name for q in tmp_path.iterdir()) == sorted(names + [n + ".index.json" for n in names])
 
 
 def test_crash_leaves_no_partial_shard(tmp_path):
@@ -38,7 +41,8 @@ def test_crash_leaves_no_partial_shard(tmp_path):
 
     with pytest.raises(RuntimeError, match="encoder crashed"):
         write_shards(tmp_path, crashing(), samples_per_shard=2)
-    assert [q.name for q in tmp_path.iterdir()] == ["shard-000000.tar"]  # no temp file, no half shard
+    # no temp file, no half shard, no index without its shard
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["shard-000000.tar", "shard-000000.tar.index.json"]
     assert len(read_back(tmp_path / "shard-000000.tar")) == 2
 
 
@@ -66,7 +70,11 @@ def test_existing_shards_need_overwrite_which_removes_stale_ones(tmp_path):
         write_shards(tmp_path, clips(2), samples_per_shard=2)
     write_shards(tmp_path, clips(2, seed=1), samples_per_shard=2, prefix="other")  # another prefix is fine
     paths = write_shards(tmp_path, clips(2, seed=2), samples_per_shard=2, overwrite=True)
-    assert sorted(q.name for q in tmp_path.iterdir()) == ["other-000000.tar", "shard-000000.tar"]
+    assert sorted(q.name for q in tmp_path.iterdir() if q.suffix == ".tar") == [
+        "other-000000.tar",
+        "shard-000000.tar",
+    ]
+    assert not (tmp_path / "shard-000001.tar.index.json").exists()  # the stale shard's index went with it
     assert [c.key for c in read_back(paths[0])] == [c.key for c in clips(2, seed=2)]
 
 
@@ -84,3 +92,23 @@ def test_dtypes_and_reproducible_bytes(tmp_path):
         torch.testing.assert_close(b32.video, a.video, rtol=0, atol=0)
         torch.testing.assert_close(b16.video, a.video, rtol=1e-3, atol=4e-3)
         torch.testing.assert_close(b16.text, a.text, rtol=1e-3, atol=4e-3)
+
+
+def test_every_shard_gets_an_index_of_counts_and_checksums(tmp_path):
+    from magi_train.data.index import index_path, read_index, sample_digest
+
+    paths = write_shards(tmp_path, clips(3), samples_per_shard=2)
+    index = json.loads(index_path(paths[0]).read_text())
+    assert index["format"] == "magi_train.shard_index" and index["checksum"] == "blake2b-128"
+    assert index["shard"] == "shard-000000.tar" and index["count"] == 2
+    for raw in wds.tarfile_to_samples()(iter([{"url": paths[0]}])):  # the digests are over the tar's members
+        members = {k: v for k, v in raw.items() if not k.startswith("__")}
+        assert index["samples"][raw["__key__"]] == sample_digest(members)
+    assert list(read_index(paths[1])) == [clips(3)[2].key]
+    index_path(paths[1]).write_text("{broken")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_index(paths[1])
+    # a rewrite replaces the index with the new shard's (a stale index never describes a new tar)
+    write_shards(tmp_path, clips(2, seed=5), samples_per_shard=2, overwrite=True)
+    assert sorted(read_index(paths[0])) == sorted(c.key for c in clips(2, seed=5))
+    assert not index_path(paths[1]).exists()

@@ -174,7 +174,7 @@ def test_training_callback_samples_scores_and_logs(compose, smoke, tmp_path):
     from magi_train.models.dit import DiT, DiTConfig
 
     cfg = compose(["recipe=pretrain_base", "experiment=smoke", f"run_dir={tmp_path}", "eval.every_n_steps=2",
-                   "eval.callback_prompts=1", f"generate.codecs_dir={smoke['codecs']}", "generate.width=32",
+                   "eval.callback_prompts=1", f"generate.codecs_dir={tmp_path / 'codecs'}", "generate.tiny_codecs=true", "generate.width=32",
                    "generate.height=32", "generate.seconds=0.2", "generate.steps=2", "generate.cfg=false",
                    "eval.bootstrap_resamples=100"])  # fmt: skip
     eval_cfg, gen_cfg = narrow(cfg.eval, EvalConfig), narrow(cfg.generate, GenerateConfig)
@@ -186,16 +186,25 @@ def test_training_callback_samples_scores_and_logs(compose, smoke, tmp_path):
         def __init__(self):
             super().__init__()
             self.model = DiT(narrow(cfg.model, DiTConfig))
+            self.draws: list[float] = []
 
         def training_step(self, batch, _):
+            self.draws.append(torch.rand(1).item())  # the training stream of the global RNG
             return sum(p.sum() for p in self.model.parameters()) * 0.0 + batch.sum() * 0.0
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.model.parameters(), lr=0.0)
 
-    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=CSVLogger(tmp_path, name="log"), callbacks=[callback],
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(Toy(), torch.utils.data.DataLoader(torch.zeros(8, 1), batch_size=1))
+    draws = []
+    # the callback leaves the training stream of the global RNG as it was (writing its tiny codecs draws from it)
+    for callbacks in ([], [callback]):
+        torch.manual_seed(0)
+        trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=CSVLogger(tmp_path, name="log") if callbacks else False,
+                            callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)  # fmt: skip
+        trainer.fit(module := Toy(), torch.utils.data.DataLoader(torch.zeros(8, 1), batch_size=1))
+        draws.append(module.draws)
+    assert len(draws[1]) == 4 and draws[1] == draws[0]
     assert sorted(p.name for p in (tmp_path / "eval_callback").iterdir()) == ["step00000002", "step00000004"]
     assert (tmp_path / "eval_callback/step00000004/en_kitchen.mp4").is_file()
     metrics = (next((tmp_path / "log").rglob("metrics.csv"))).read_text().splitlines()

@@ -233,12 +233,26 @@ def test_smoke_distill_logs_checkpoints_and_resumes_exactly(compose, tmp_path, t
         "distill.ema.start_step=0",
         "distill.generator_every=2",
         f"trainer.accumulate_grad_batches={accumulate}",
+        "trainer.val_check_interval=3",  # the checkpoint at iteration 3 falls on a validation
+        "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1",
     ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     out = run(compose(_dmd2(straight, teacher_ckpt, *common, "trainer.max_steps=6")))
     assert out["global_step"] == 6  # global_step counts iterations (critic updates), not optimizer steps
     run(compose(_dmd2(split, teacher_ckpt, *common, "trainer.max_steps=3")))
     run(compose(_dmd2(split, teacher_ckpt, *common, "trainer.max_steps=6", "resume=true")))
+    per_step = {}
+    for name in ("straight", "split"):
+        rows = list(csv.DictReader((tmp_path / name / "metrics.csv").open()))
+        critic = [(r["step"], r["train/critic_loss"]) for r in rows if r.get("train/critic_loss")]
+        # rows are micro-batches; the generator steps every 2nd iteration (Lightning repeats an on-step value on
+        # the rows that do not log it)
+        gen = [r for r in rows if r.get("train/dmd_loss") and int(r["step"]) // accumulate % 2 == 0]
+        dmd = [(r["step"], r["train/dmd_loss"]) for r in gen]
+        per_step[name] = (critic, dmd)
+    assert len(per_step["straight"][0]) == 6 * accumulate and len(per_step["straight"][1]) == 3 * accumulate
+    assert per_step["split"] == per_step["straight"]  # every iteration's losses, before and after the resume
 
     cols = _columns(straight / "metrics.csv")
     for key in (

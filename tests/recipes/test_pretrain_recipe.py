@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from magi_train.__main__ import run
+from magi_train.training.resume import newest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
@@ -116,23 +117,38 @@ def test_smoke_run_learns_and_resumes(compose, tmp_path):
     assert min(steps) < 10 and max(steps) >= 315  # the resumed run appended to the same metrics.csv
 
 
-@pytest.mark.parametrize("split_at", [10, 7])  # on a checkpoint step; at the end-of-training save
-def test_resume_is_exact(compose, tmp_path, split_at):
-    """N steps + resume to 20 ends with the same weights, EMA and optimizer state as 20 straight steps."""
+# (steps of the first run, the checkpoint resumed from): a run "killed" at step 13 resumed from the checkpoint of
+# step 10, a validation step; a run stopped at 7 resumed from its end-of-training save
+@pytest.mark.parametrize("stop_at, resume_from", [(13, "step00000010.ckpt"), (7, None)])
+def test_resume_is_exact(compose, tmp_path, stop_at, resume_from):
+    """A run resumed to 20 equals 20 straight steps: per-step losses (one metrics.csv row per step), weights, EMA
+    and optimizer state, with validation on (every 5 steps, so the checkpoint at step 10 falls on one)."""
     common = [
         "recipe=pretrain_base",
         "experiment=smoke",
         "trainer.enable_progress_bar=false",
         "trainer.checkpoint_every_n_steps=10",
-        "trainer.val_check_interval=null",
+        "trainer.val_check_interval=5",
+        "trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=1",
         "data.synthetic.num_clips=64",
     ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run(compose(common + [f"run_dir={straight}", "trainer.max_steps=20"]))
-    run(compose(common + [f"run_dir={split}", f"trainer.max_steps={split_at}"]))
-    run(compose(common + [f"run_dir={split}", "trainer.max_steps=20", "resume=true"]))
+    run(compose(common + [f"run_dir={split}", f"trainer.max_steps={stop_at}"]))
+    resume = f"ckpt_path={split / 'checkpoints' / resume_from}" if resume_from else "resume=true"
+    run(compose(common + [f"run_dir={split}", "trainer.max_steps=20", resume]))
+    losses_a, losses_b = _losses(straight / "metrics.csv"), _losses(split / "metrics.csv")
+    assert [s for s, _ in losses_a] == [s for s, _ in losses_b] == list(range(20))  # no step twice
+    assert losses_b == losses_a  # every step's loss, before and after the resume
+    val_a, val_b = (
+        [r["val/loss"] for r in csv.DictReader(p.open()) if r.get("val/loss")]
+        for p in (straight / "metrics.csv", split / "metrics.csv")
+    )
+    assert len(val_a) == 4 and val_b[-2:] == val_a[-2:]  # validations after the resume see the same model
     a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(split / "checkpoints" / "last.ckpt", weights_only=True)
+    # Lightning names the resumed run's last checkpoint last-v1.ckpt when it resumed from another one
+    b = torch.load(newest_checkpoint(split), weights_only=True)
     assert a["global_step"] == b["global_step"] == 20
     for key in ("state_dict", "current_model_state"):  # EMA weights and raw weights
         for name, tensor in a[key].items():
@@ -182,3 +198,18 @@ def test_sr_smoke_run_learns(compose, tmp_path):
     early = [v for s, v in losses[:3]]
     late = [v for s, v in losses[-3:]]
     assert sum(late) / len(late) < 0.7 * sum(early) / len(early), losses
+
+
+def test_values_are_logged_on_the_step_they_belong_to(compose, tmp_path):
+    """With rows every 5th step, each row's grad norm and loss are that step's (as in a run logging every step)."""
+    common = ["recipe=pretrain_base", "experiment=smoke", "trainer.enable_progress_bar=false", "trainer.max_steps=10",
+              "trainer.val_check_interval=null", "data.synthetic.num_clips=16"]  # fmt: skip
+    rows = {}
+    for every in (1, 5):
+        run(compose([*common, f"run_dir={tmp_path / str(every)}", f"trainer.log_every_n_steps={every}"]))
+        table = csv.DictReader((tmp_path / str(every) / "metrics.csv").open())
+        rows[every] = {int(r["step"]): r for r in table if r.get("train/loss")}
+    assert sorted(rows[5]) == [4, 9]
+    for step, row in rows[5].items():
+        assert row["train/grad_norm"] == rows[1][step]["train/grad_norm"], step
+        assert row["train/loss"] == rows[1][step]["train/loss"], step

@@ -143,12 +143,14 @@ def test_bad_strategy_settings_are_clear_errors(compose):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _touch(path: Path, at: float, directory: bool = False) -> None:
+def _touch(path: Path, at: float, step: int, directory: bool = False) -> None:
+    """A checkpoint that verifies (training/resume.py): a torch file, or a DeepSpeed directory with its marker."""
     if directory:
         (path / "checkpoint").mkdir(parents=True)
+        (path / ".complete").write_text(f'{{"global_step": {step}}}')
         path = path / "checkpoint" / "mp_rank_00_model_states.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x")
+    torch.save({"global_step": step}, path)
     os.utime(path, (at, at))
 
 
@@ -158,10 +160,10 @@ def test_resume_picks_the_newest_checkpoint(tmp_path, monkeypatch):
     now = time.time()
     with pytest.raises(ValueError, match="hydra.run.dir"):
         find_resume_checkpoint(tmp_path, resume=True)
-    _touch(tmp_path / "checkpoints" / "last.ckpt", now - 30, directory=True)  # a DeepSpeed checkpoint
-    _touch(tmp_path / "hpc_ckpt_1.ckpt", now - 20)
+    _touch(tmp_path / "checkpoints" / "last.ckpt", now - 30, 2, directory=True)  # a DeepSpeed checkpoint
+    _touch(tmp_path / "hpc_ckpt_1.ckpt", now - 20, 3)
     assert find_resume_checkpoint(tmp_path, resume=True) == str(tmp_path / "hpc_ckpt_1.ckpt")
-    _touch(tmp_path / "checkpoints" / "last-v1.ckpt", now - 10)  # Lightning's name after changed settings
+    _touch(tmp_path / "checkpoints" / "last-v1.ckpt", now - 10, 4)  # Lightning's name after changed settings
     assert newest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "last-v1.ckpt"
 
     assert find_resume_checkpoint(tmp_path) is None  # not a Slurm job: resume only when asked
