@@ -40,6 +40,10 @@ def test_user_error_is_one_short_message_with_exit_2(tmp_path, overrides, names)
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1 and names in errors[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+    printed = [
+        line for line in (out.stdout + out.stderr).splitlines() if line.strip() and "Warning" not in line
+    ]
+    assert len(printed) <= 3, printed
 
 
 @pytest.mark.parametrize("key", ["run_dir", "hydra.run.dir"])
