@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+from tests.fixtures.smoke import SMOKE_TRAIN
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -31,17 +33,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# Two-step smoke runs: enough for checkpoints of the right format (with EMA), not for learning.
-SMOKE_TRAIN = [
-    "experiment=smoke",
-    "trainer.max_steps=2",
-    "trainer.val_check_interval=null",
-    "trainer.enable_progress_bar=false",
-    "data.synthetic.num_clips=8",
-    "data.synthetic.samples_per_shard=8",
-]
 
 
 @pytest.fixture(scope="session")

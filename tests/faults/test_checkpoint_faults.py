@@ -16,17 +16,10 @@ import torch
 from magi_train.training import checkpoint_io
 from magi_train.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from magi_train.training.resume import find_resume_checkpoint, verify_checkpoint
+from tests.fixtures.smoke import SMOKE_TRAIN
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_RUN = [
-    "recipe=pretrain_base",
-    "experiment=smoke",
-    "trainer.checkpoint_every_n_steps=2",
-    "trainer.val_check_interval=null",
-    "trainer.enable_progress_bar=false",
-    "data.synthetic.num_clips=8",
-    "data.synthetic.samples_per_shard=8",
-]
+TINY_RUN = ["recipe=pretrain_base", *SMOKE_TRAIN, "trainer.checkpoint_every_n_steps=2"]  # each sets max_steps
 CKPT_MB = 32  # a smoke checkpoint: tiny DiT, its AdamW state and EMA (31.6 MB)
 
 

@@ -14,16 +14,10 @@ from magi_train.__main__ import run
 from magi_train.tasks.dmd2 import DMD2Task
 from magi_train.tasks.guard import NonFiniteGuard, NonFiniteTrainingError, check_checkpoint_finite
 from magi_train.tasks.pretrain import PretrainTask
+from tests.fixtures.smoke import SMOKE_TRAIN
 
 REPO = Path(__file__).resolve().parents[2]
-SMOKE = [
-    "experiment=smoke",
-    "trainer.val_check_interval=null",
-    "trainer.enable_progress_bar=false",
-    "trainer.log_every_n_steps=1",
-    "data.synthetic.num_clips=8",
-    "data.synthetic.samples_per_shard=8",
-]
+SMOKE = [*SMOKE_TRAIN, "trainer.log_every_n_steps=1"]  # each test sets its max_steps
 # lr 1e6 without warm-up: finite loss at steps 0-1, NaN gradients from step 2 on. Checkpoints every 2 steps (not 5),
 # so that one is written before the divergence and must survive it.
 DIVERGE = [
