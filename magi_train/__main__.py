@@ -27,6 +27,7 @@ from magi_train.config import (
     StrategyConfig,
     TeacherConfig,
     TrainerConfig,
+    VAEDistillConfig,
     narrow,
     register_configs,
 )
@@ -36,7 +37,7 @@ register_configs()
 log = logging.getLogger("magi_train")
 PACKAGE = Path(__file__).resolve().parent
 CONFIG_DIR = str(PACKAGE.parent / "configs")
-TASKS = ("pretrain", "pretrain_sr", "dmd2", "generate", "evaluate")
+TASKS = ("pretrain", "pretrain_sr", "dmd2", "vae_distill", "generate", "evaluate")
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -88,12 +89,21 @@ def run(cfg: DictConfig) -> Any:
     ctx = RunContext(
         run_dir=Path(cfg.run_dir), seed=cfg.seed, resolved=OmegaConf.to_container(cfg, resolve=True),
         dry_run=cfg.dry_run, resume=cfg.resume, ckpt_path=cfg.ckpt_path,
+        plan_tokens=OmegaConf.select(cfg, "data.max_tokens", default=None, throw_on_missing=False),
     )  # fmt: skip
     nodes = TrainerNodes(
         narrow(cfg.trainer, TrainerConfig),
         narrow(cfg.strategy, StrategyConfig),
         narrow(cfg.logger, LoggerConfig),
     )
+    if cfg.task == "vae_distill":  # recipe distill_vae: a TurboVAED from the Wan2.2 decoder (no DiT)
+        from magi_train.training.run_vae import run_vae_distill
+
+        data = None if cfg.dry_run else narrow(cfg.data, DataConfig)
+        return run_vae_distill(
+            ctx, nodes, data, narrow(cfg.vae_distill, VAEDistillConfig), narrow(cfg.optim, OptimConfig),
+            narrow(cfg.ema, EMAConfig),
+        )  # fmt: skip
     model = narrow(cfg.model, DiTConfig)
     data = None if cfg.dry_run else narrow(cfg.data, DataConfig)  # a dry run reads no data (it may be unset)
     callbacks = []

@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
 from omegaconf import MISSING, OmegaConf
 
+from magi_train.codecs.turbo_vae import TurboVAEConfig
 from magi_train.flow.sampling import Guidance
 from magi_train.models.dit import MODEL_CONFIGS, DiTConfig
 
@@ -127,13 +128,16 @@ class TrainerConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = "auto"  # auto | ddp | fsdp | deepspeed_stage_2 | deepspeed_stage_3 (magi_train/training/strategies.py)
+    name: str = "auto"  # auto | ddp | fsdp2 | deepspeed_stage_2 | deepspeed_stage_3 (magi_train/training/strategies.py)
     find_unused_parameters: bool = False
-    # sharded strategies: fsdp puts parameters and gradients on CPU; deepspeed the optimizer state (and the
-    # parameters at stage 3)
+    # sharded strategies: fsdp2 keeps shards, gradients and the optimizer step on the host (CPUOffloadPolicy);
+    # deepspeed the optimizer state (and the parameters at stage 3)
     offload: bool = False
-    sharding_strategy: str = "FULL_SHARD"  # fsdp: FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD | NO_SHARD
-    state_dict_type: str = "sharded"  # fsdp checkpoints: sharded (a directory of per-rank shards) | full
+    # fsdp2: processes = dp_replicate x dp_shard x cp; parameters sharded over dp_shard x cp, replicated over
+    # dp_replicate (HSDP); cp ranks split each packed sequence (Ulysses context parallelism)
+    dp_replicate: int = 1
+    cp: int = 1
+    reshard_after_forward: bool = True  # fsdp2: free each layer's gathered parameters after its forward
     options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the Lightning strategy
 
 
@@ -186,6 +190,11 @@ class GenerateConfig:
     video_vae: str | None = None  # each defaults to codecs_dir/<name>
     audio_vae: str | None = None
     text_encoder: str | None = None
+    # video decoder: a TurboVAED directory (the release's default: config json + checkpoint with ema_state_dict,
+    # e.g. its turbo_vae/ or a distill_vae run's <run_dir>/turbo_vae); None = the Wan2.2 VAE decoder
+    turbo_vae: str | None = None
+    # CFG: the conditional and unconditional branches as two clips of one packed forward (False: two forwards)
+    batch_cfg: bool = True
     tiny_codecs: bool = False  # write random tiny codecs into codecs_dir first (smoke runs: noise output)
     output: str = "${run_dir}/sample.mp4"  # a JSON of settings and timings is written next to it
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -252,6 +261,22 @@ class DistillConfig:
 
 
 @dataclass
+class VAEDistillConfig:
+    """Recipe distill_vae (magi_train/tasks/vae_distill.py, docs/turbo_vae.md): a TurboVAED student learns to
+    reproduce the frames the Wan2.2 decoder makes of the latents in the shards; EMA exported as the release's
+    layout. The optimiser is `optim`, the EMA `ema` (decay 0 exports the raw weights)."""
+
+    teacher: str = MISSING  # Wan2.2 VAE directory (diffusers AutoencoderKLWan: Wan2.2-TI2V-5B-Diffusers/vae)
+    tiny_teacher: bool = False  # write a random tiny Wan2.2 VAE at `teacher` first (smoke runs)
+    student: TurboVAEConfig = field(default_factory=TurboVAEConfig)  # the released architecture by default
+    init_from: str | None = None  # a TurboVAED directory to start from (e.g. the released turbo_vae/)
+    l1_weight: float = 1.0  # mean |student - teacher| over pixels in [-1, 1]
+    ssim_weight: float = 0.2  # 1 - SSIM of the frames (torchmetrics, window 11 or the frame size)
+    teacher_cache: int = 0  # clips whose teacher frames are kept in CPU memory (the teacher is frozen)
+    export_dir: str = "${run_dir}/turbo_vae"  # json + checkpoint.ckpt (ema_state_dict): generate.turbo_vae
+
+
+@dataclass
 class EvalSuiteConfig:
     """An eval suite (group `suite`, configs/suite/): a jsonl of prompts under eval/, or the latency table."""
 
@@ -276,9 +301,10 @@ class EvalASRConfig:
     path: str | None = None  # local model directory (whisper / glm_asr); nothing is downloaded
     device: str = "auto"
     dtype: str = "auto"
-    normalizer: str = (
-        "basic"  # basic (NFKC, lower case, no punctuation) | whisper (Whisper's English normaliser)
-    )
+    # whisper: Whisper's English normaliser for English, Whisper's basic one (in-word apostrophes kept) for other
+    # languages, CJK per character | basic: the basic one for every language (magi_train/eval/text.py)
+    normalizer: str = "whisper"
+    fold_chinese: bool = False  # traditional -> simplified Chinese (OpenCC t2s) before scoring zh / yue
 
 
 @dataclass
@@ -289,11 +315,19 @@ class EvalScorerConfig:
     path: str | None = None  # local copy of TIGER-Lab/VideoScore2
     device: str = "auto"
     dtype: str = "auto"
-    fps: float = 2.0  # VideoScore2 samples 2 fps
+    # defaults = VideoScore2 as trained and as its authors score (docs/eval.md, "Video scores")
+    fps: float = 2.0  # frames per second of training (video_fps)
     max_new_tokens: int = 1024
-    max_frames: int | None = None
+    max_frames: int | None = 10  # training's video_maxlen; None: every frame at fps (not as trained)
     min_pixels: int | None = None  # per frame; None = the processor's (128*28*28)
-    max_pixels: int | None = None  # None = the processor's (768*28*28)
+    max_pixels: int | None = 691200  # training's video_max_pixels (960*720)
+    prompt_template: str = (
+        "training"  # training (data_sft.py INPUT_TEMPLATE) | benchmark (the older eval query)
+    )
+    decoding: str = "sample"  # sample (the authors': temperature, processed scores) | greedy (raw logits)
+    temperature: float = 0.7
+    soft_score: str = "authors"  # authors (top digit x its renormalised probability) | expected (sum s*p(s))
+    seed: int = 0  # sampling seed, set before every clip
 
 
 @dataclass
@@ -319,8 +353,25 @@ class EvalConfig:
     confidence: float = 0.95
     seed: int = 0  # bootstrap and pair-sheet randomness (clips use generate.seed)
     compare: list[str] = field(default_factory=list)  # report.json files of other runs to add as rows
-    preference: str | None = None  # a CSV of pairwise judgements (system_a, system_b, winner) to summarise
-    pair_sheet: bool = False  # with >= 2 models: write the blind side-by-side HTML sheet for raters
+    # a CSV of pairwise judgements (system_a, system_b, winner[, rater, prompt_id]) to summarise
+    preference: str | None = None
+    preference_resample: str = (
+        "auto"  # auto | raters+prompts | raters | prompts | judgements (bootstrap units)
+    )
+    bt_alpha: float = 0.01  # Bradley-Terry L2 regularisation, the same for every fit
+    pair_sheet: bool = False  # with >= 2 models: write blind side-by-side sheets, one per rater
+    pair_sheet_raters: int = 1  # raters r01..rNN, each with their own order and A/B placement
+    reference: str | None = (
+        "davinci_magihuman"  # paper row(s): magi_train/eval/reference/<name>.json or a path
+    )
+    # splitting and resuming (docs/eval.md): this task's share of the prompts; merge_only builds the report from
+    # the per-clip caches of all shards and samples nothing
+    num_shards: int = 1
+    shard_index: int = 0
+    merge_only: bool = False
+    full_checksums: bool = (
+        False  # provenance: sha256 of whole weight files (else of their first and last 8 MiB)
+    )
     sync_weights: str | None = None  # SyncNet weights (syncnet_v2.model or .safetensors): adds LSE-D / LSE-C
     sync_vshift: int = 15  # offsets searched, in frames (+-)
     # training-time evaluation (magi_train/eval/callback.py EvalCallback): every N optimizer steps sample the
@@ -336,7 +387,7 @@ class Config:
     """The root config. Recipes pick the groups; every value is overridable on the command line."""
 
     recipe: str = MISSING
-    task: str = MISSING  # pretrain | pretrain_sr | dmd2 | generate | evaluate (magi_train/__main__.py)
+    task: str = MISSING  # pretrain | pretrain_sr | dmd2 | vae_distill | generate | evaluate (see __main__.py)
     seed: int = 0
     dry_run: bool = False  # build everything (big models on the meta device), print, exit
     resume: bool = False  # continue from <run_dir>/checkpoints/last.ckpt
@@ -354,6 +405,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    vae_distill: VAEDistillConfig = field(default_factory=VAEDistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

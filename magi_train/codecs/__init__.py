@@ -1,4 +1,5 @@
-"""Frozen codecs of the daVinci-MagiHuman release: Wan2.2 video VAE, Stable Audio Open VAE, T5-Gemma text."""
+"""Frozen codecs of the daVinci-MagiHuman release: Wan2.2 video VAE, TurboVAED decoder, Stable Audio Open VAE,
+T5-Gemma text."""
 
 from magi_train.codecs.audio_vae import (
     AUDIO_LATENT_CHANNELS,
@@ -17,6 +18,7 @@ from magi_train.codecs.audio_vae import (
     write_audio_video_mp4,
 )
 from magi_train.codecs.text_encoder import MAX_TEXT_TOKENS, TEXT_HIDDEN_SIZE, TextEncoder, pad_text_features
+from magi_train.codecs.turbo_vae import TurboVAE, TurboVAEConfig, TurboVAED, load_turbo_vaed, save_turbo_vae
 from magi_train.codecs.video_vae import (
     SPATIAL_STRIDE,
     TEMPORAL_STRIDE,
@@ -48,6 +50,9 @@ __all__ = [
     "AudioVAE",
     "LatentSize",
     "TextEncoder",
+    "TurboVAE",
+    "TurboVAEConfig",
+    "TurboVAED",
     "VideoVAE",
     "audio_latents_for_seconds",
     "audio_latents_for_video_latents",
@@ -56,10 +61,12 @@ __all__ = [
     "latent_frames",
     "latent_size",
     "load_audio",
+    "load_turbo_vaed",
     "output_num_samples",
     "pad_text_features",
     "pixel_frames",
     "read_mp4_info",
+    "save_turbo_vae",
     "to_output_rate",
     "video_latents_for_audio_latents",
     "write_audio_video_mp4",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,8 @@ from magi_train.utils.fileio import atomic_file
 if TYPE_CHECKING:
     from diffusers import AutoencoderOobleck
 
+log = logging.getLogger(__name__)
+
 # The release runs the 44.1 kHz Stable Audio VAE as if audio were 51.2 kHz, so that one latent (hop 2048)
 # lasts exactly one 25 fps video frame; decoded audio is stretched back by 441/512 (spec §6.3).
 LATENTS_PER_SECOND = 25
@@ -22,6 +25,9 @@ AUDIO_LATENT_CHANNELS = 64  # real model: decoder_input_channels; AudioVAE reads
 EFFECTIVE_SAMPLE_RATE = HOP * LATENTS_PER_SECOND  # 51,200 Hz
 OUTPUT_SAMPLE_RATE = 44100
 RESAMPLE_UP, RESAMPLE_DOWN = 441, 512  # 44100 / 51200
+# Driving audio longer than one window is encoded in windows (release: `load_audio_and_encode`, spec §4.7)
+WINDOW_SECONDS = 29.0
+WINDOW_OVERLAP = 0.5
 
 
 def audio_latents_for_seconds(seconds: float) -> int:
@@ -132,6 +138,63 @@ class AudioVAE:
         posterior = self.model.encode(x).latent_dist
         z = posterior.sample(generator=generator) if sample else posterior.mode()  # [B, C, A]
         return z.float().transpose(1, 2).contiguous()
+
+    @torch.no_grad()
+    def encode_windowed(
+        self,
+        wave: torch.Tensor,
+        sample: bool = True,
+        generator: torch.Generator | None = None,
+        window_seconds: float = WINDOW_SECONDS,
+        overlap: float = WINDOW_OVERLAP,
+    ) -> torch.Tensor:
+        """`encode` for audio of any length: windows of `window_seconds`, overlapping by `overlap`, cross-faded.
+
+        As the release encodes a2v driving audio longer than 29 s: W = 29 * 25 = 725 latents per window (the last
+        one zero-padded), latent overlap O = int(W * 0.5) = 362 and step W - O = 363; inside an overlap the
+        latent j in 0..O-1 is ((O - j) * previous + j * current) / O; the result is cut to ceil(S / hop), so its
+        length equals `encode`'s. Audio up to one window long is encoded in one piece, as `encode` does.
+
+        One difference, on purpose: the release advances the *audio* by int(0.5 * 29 s) = 742,400 samples = 362.5
+        latents while it places each window's latents 363 apart, so window k lands k/2 latents (20 ms each) late
+        against the video (60 ms by 60 s). Here the audio advances by exactly the latent step (363 * 2048
+        samples), so every window's latents sit at their own time and, away from the window edges, equal the
+        one-piece encoding (tests/codecs/test_audio_vae.py). Posterior samples are drawn window by window.
+        """
+        if wave.ndim != 3 or wave.shape[2] == 0:
+            raise ValueError(f"wave must be [B, {self.audio_channels}, S>0], got {tuple(wave.shape)}")
+        rate = self.hop * LATENTS_PER_SECOND
+        window_latents = round(window_seconds * LATENTS_PER_SECOND)
+        overlap_latents = int(window_latents * overlap)
+        if window_latents < 2 or not 0 < overlap_latents < window_latents:
+            raise ValueError(
+                f"audio windows of {window_seconds} s ({window_latents} latents) with overlap {overlap} leave no "
+                "overlap or no step: use a window of at least 2 latents (0.08 s) and 0 < overlap < 1"
+            )
+        window, total = window_latents * self.hop, wave.shape[2]
+        if total <= window:
+            return self.encode(wave, sample=sample, generator=generator)
+        step_latents = window_latents - overlap_latents
+        out = None
+        for k, start in enumerate(range(0, total, step_latents * self.hop)):
+            chunk = wave[:, :, start : start + window]
+            chunk = torch.nn.functional.pad(chunk, (0, window - chunk.shape[2]))
+            z = self.encode(chunk, sample=sample, generator=generator)  # [B, W, C]
+            if out is None:
+                out = z
+            else:
+                base = k * step_latents
+                fade = torch.arange(overlap_latents, device=z.device, dtype=z.dtype) / overlap_latents
+                fade = fade.view(1, -1, 1)  # weight of the current window, 0 at the seam's start
+                seam = out[:, base : base + overlap_latents]
+                mixed = (1 - fade) * seam + fade * z[:, :overlap_latents]
+                out = torch.cat([out[:, :base], mixed, z[:, overlap_latents:]], dim=1)
+            if start + window >= total:
+                break
+        assert out is not None
+        wanted = self.num_latents(total)
+        log.debug("encoded %.1f s of audio in %d windows of %s s", total / rate, k + 1, window_seconds)
+        return out[:, :wanted].contiguous()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

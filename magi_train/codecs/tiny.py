@@ -5,6 +5,8 @@ classes the real pipeline loads (diffusers AutoencoderKLWan and AutoencoderOoble
 T5GemmaEncoderModel with a SentencePiece Gemma tokenizer). They keep everything that fixes shapes and
 timing: 48 latent channels with 16x16x4 strides for video, 64 latent channels with a hop of 2048 samples
 at 51.2 kHz (25 latents per second) for audio, and 3584-wide text features. Their outputs are noise.
+`turbo_vae/` is a tiny TurboVAED (the release's light decoder, magi_train/codecs/turbo_vae.py) in the released
+checkpoint layout, with windows of 3 then 2 latent frames so that short clips already decode in several windows.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from magi_train.codecs.audio_vae import AUDIO_LATENT_CHANNELS, EFFECTIVE_SAMPLE_RATE, HOP
 from magi_train.codecs.text_encoder import TEXT_HIDDEN_SIZE
+from magi_train.codecs.turbo_vae import TurboVAEConfig, TurboVAED, save_turbo_vae
 from magi_train.codecs.video_vae import VIDEO_LATENT_CHANNELS
 from magi_train.utils.fileio import atomic_dir
 
@@ -31,6 +34,11 @@ TINY_OOBLECK = dict(
     encoder_hidden_size=2 * AUDIO_LATENT_CHANNELS, downsampling_ratios=[2, 4, 4, 8, 8], channel_multiples=[1, 1, 1, 1, 1],
     decoder_channels=4, decoder_input_channels=AUDIO_LATENT_CHANNELS, audio_channels=2,
     sampling_rate=EFFECTIVE_SAMPLE_RATE,
+)  # fmt: skip
+# TurboVAED with the released block layout (3 upsampling blocks, the second spatial only) at toy width
+TINY_TURBO = dict(
+    decoder_block_out_channels=[8, 8, 16, 16], decoder_layers_per_block=[1, 1, 1, 1, 1], first_chunk_size=3,
+    step_size=2,
 )  # fmt: skip
 TINY_T5GEMMA = dict(
     vocab_size=128, hidden_size=TEXT_HIDDEN_SIZE, intermediate_size=32, num_hidden_layers=1,
@@ -74,17 +82,18 @@ def _save_atomic(path: Path, write) -> None:
 
 
 def write_tiny_codecs(root: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write tiny `video_vae/`, `audio_vae/` and `text_encoder/` directories under `root` (idempotent).
+    """Write tiny `video_vae/`, `audio_vae/`, `text_encoder/` and `turbo_vae/` directories under `root` (idempotent).
 
-    Returns their paths keyed by name; each loads with `VideoVAE`, `AudioVAE` and `TextEncoder.from_pretrained`.
+    Returns their paths keyed by name; each loads with `VideoVAE`, `AudioVAE`, `TextEncoder` and
+    `TurboVAE.from_pretrained`.
     """
     import diffusers
     import transformers
 
     root = Path(root)
-    paths = {name: root / name for name in ("video_vae", "audio_vae", "text_encoder")}
+    paths = {name: root / name for name in ("video_vae", "audio_vae", "text_encoder", "turbo_vae")}
     torch.manual_seed(seed)
-    _save_atomic(paths["video_vae"], lambda p: diffusers.AutoencoderKLWan(**TINY_WAN).save_pretrained(p))
+    write_tiny_video_vae(paths["video_vae"], seed)
     _save_atomic(
         paths["audio_vae"], lambda p: diffusers.AutoencoderOobleck(**TINY_OOBLECK).save_pretrained(p)
     )
@@ -97,5 +106,23 @@ def write_tiny_codecs(root: str | Path, seed: int = 0) -> dict[str, Path]:
         write_tiny_tokenizer(p)
 
     _save_atomic(paths["text_encoder"], text)
+    _save_atomic(paths["turbo_vae"], lambda p: write_tiny_turbo_vae(p, seed))
     assert HOP == 2 * 4 * 4 * 8 * 8
     return paths
+
+
+def write_tiny_turbo_vae(path: str | Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random TurboVAED in the released layout (config json + checkpoint with `ema_state_dict`) at `path`."""
+    torch.manual_seed(seed)
+    model = TurboVAED(TurboVAEConfig(**{**TINY_TURBO, **overrides}))
+    return save_turbo_vae(path, model)
+
+
+def write_tiny_video_vae(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random Wan2.2-layout `AutoencoderKLWan` directory at `path` (kept once complete)."""
+    import diffusers
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    _save_atomic(path, lambda p: diffusers.AutoencoderKLWan(**TINY_WAN).save_pretrained(p))
+    return path

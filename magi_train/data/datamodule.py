@@ -133,7 +133,17 @@ class ClipDataModule(L.LightningDataModule):
             seed=seed,
             infinite=infinite,
             name=key,
+            replica=self._replica(),
         )
+
+    def _replica(self) -> tuple[int, int] | None:
+        """(rank, count) among the processes that read different samples, from the strategy (fsdp2: its
+        data-parallel ranks; context-parallel ranks of a group read the same clips); None without a trainer."""
+        strategy = getattr(self.trainer, "strategy", None) if self.trainer is not None else None
+        kwargs = getattr(strategy, "distributed_sampler_kwargs", None) if strategy is not None else None
+        if not kwargs:
+            return None
+        return int(kwargs["rank"]), int(kwargs["num_replicas"])
 
     def train_dataloader(self):
         self._train = self._dataset(self.cfg.train_shards, infinite=True, seed=self.cfg.seed)

@@ -347,7 +347,10 @@ class ShardDataset(IterableDataset):
         infinite: bool = False,
         bucket_buffer: int = 0,
         name: str = "shards",
+        replica: tuple[int, int] | None = None,
     ):
+        """replica: (rank, count) of this process among the readers of different samples, when that is not the
+        process group's (context-parallel ranks of one data-parallel group read the same samples)."""
         super().__init__()
         if text_dim < 1 or max_tokens < 1 or shuffle_buffer < 0 or (max_clips is not None and max_clips < 1):
             raise ValueError(
@@ -373,7 +376,8 @@ class ShardDataset(IterableDataset):
         self._resume: dict | None = None
         self._warned_split = False
         # Spawned DataLoader workers lose the process group; the rank seen at construction is the fallback.
-        self._launch_rank, self._launch_world = _dist_rank_world()
+        self._launch_rank, self._launch_world = replica or _dist_rank_world()
+        self._replica = replica
 
     # -- counters and state --------------------------------------------------------------------------------
 
@@ -417,6 +421,8 @@ class ShardDataset(IterableDataset):
     def _reader(self) -> tuple[int, int, int, int, bool]:
         """(rank, world, worker, num_workers, rank_is_live) of the process iterating."""
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        if self._replica is not None:  # the data-parallel rank, whatever the process group says
+            return self._replica[0], self._replica[1], worker, workers, False
         if world == 1 and self._launch_world > 1:
             return self._launch_rank, self._launch_world, worker, workers, False
         return rank, world, worker, workers, True

@@ -10,11 +10,12 @@ from magi_train.eval.preference import (
     judgements_from_sheet,
     pairwise_rates,
     preference_report,
+    rater_agreement,
     read_judgements,
     write_pair_sheet,
 )
 from magi_train.eval.speech import SpeechScore, aggregate, prompt_reference, score_transcript
-from magi_train.eval.stats import Estimate, bootstrap, mean_ci, ratio_ci
+from magi_train.eval.stats import Estimate, bootstrap, clustered_mean_ci, mean_ci, paired_difference, ratio_ci
 from magi_train.eval.suite import SuitePrompt, load_suite
 from magi_train.eval.text import DialogueLine, extract_dialogue, normalize_text
 from magi_train.eval.videoscore import (
@@ -23,6 +24,7 @@ from magi_train.eval.videoscore import (
     VideoScore2Scorer,
     VideoScorer,
     VideoScores,
+    authors_soft_score,
     load_scorer,
     parse_scores,
 )
@@ -42,7 +44,9 @@ __all__ = [
     "VideoScores",
     "aggregate",
     "bootstrap",
+    "authors_soft_score",
     "bradley_terry",
+    "clustered_mean_ci",
     "extract_dialogue",
     "judgements_from_sheet",
     "load_asr",
@@ -50,10 +54,12 @@ __all__ = [
     "load_suite",
     "mean_ci",
     "normalize_text",
+    "paired_difference",
     "pairwise_rates",
     "parse_scores",
     "preference_report",
     "prompt_reference",
+    "rater_agreement",
     "ratio_ci",
     "read_judgements",
     "score_transcript",

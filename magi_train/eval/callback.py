@@ -116,7 +116,10 @@ class EvalCallback(L.Callback):
             for p in self.prompts:
                 cfg = prompt_config(self.gen_cfg, p, self.eval_cfg.suite.seconds, clip_dir / f"{p.id}.mp4")
                 generate(cfg, self._pipe)
-                record, s = score_clip(p, cfg.output, self._scorer, self._asr, self.eval_cfg.asr.normalizer)
+                record, s = score_clip(
+                    p, cfg.output, self._scorer, self._asr, self.eval_cfg.asr.normalizer,
+                    fold_chinese=self.eval_cfg.asr.fold_chinese,
+                )  # fmt: skip
                 records.append(record)
                 if s is not None:
                     speech.append(s)

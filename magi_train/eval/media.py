@@ -78,3 +78,37 @@ def read_frames(
         rate = rate * (max_frames - 1) / max(len(video) - 1, 1)
         video = video[keep]
     return video, rate
+
+
+def sample_like_training(
+    path: str | Path, fps: float = 2.0, max_frames: int = 10, max_pixels: int | None = 960 * 720
+) -> tuple[np.ndarray, float]:
+    """Frames of a clip chosen and sized as VideoScore2's training data was (LLaMA-Factory's video plugin, which
+    its SFT config drives with `video_fps: 2.0`, `video_maxlen: 10`, `video_max_pixels: 691200 # 960*720`):
+
+    - n = min(total frames, `max_frames`, max(1, floor(duration * `fps`))) frames at `linspace(0, total - 1, n)`
+      truncated to integers (`mm_plugin._get_video_sample_indices`);
+    - a frame larger than `max_pixels` is scaled by sqrt(max_pixels / (w * h)), sides truncated, PIL's default
+      filter (`_preprocess_image`).
+
+    Returns the frames `[n, H, W, 3]` uint8 and their effective rate n / duration (what LLaMA-Factory passes to
+    Qwen2.5-VL for its temporal position ids).
+    """
+    import math
+
+    from PIL import Image
+
+    if fps <= 0 or max_frames < 1:
+        raise ValueError(f"fps must be > 0 and max_frames >= 1, got {fps} / {max_frames}")
+    video, native = read_frames(path)
+    total = len(video)
+    duration = total / native
+    n = min(total, max_frames, max(1, math.floor(duration * fps)))
+    index = np.linspace(0, total - 1, n).astype(np.int32)
+    frames = video[index]
+    h, w = frames.shape[1:3]
+    if max_pixels is not None and w * h > max_pixels:
+        factor = math.sqrt(max_pixels / (w * h))
+        size = (int(w * factor), int(h * factor))
+        frames = np.stack([np.asarray(Image.fromarray(f).resize(size)) for f in frames])
+    return frames, n / duration

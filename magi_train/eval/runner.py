@@ -2,14 +2,21 @@
 score them (VideoScore2-style dimensions, WER/CER of the speech) and write report.json / report.md / report.png.
 
 Eval has no sampling loop of its own: every clip comes from `generate()` with the `generate.*` settings,
-one loaded pipeline per model. `suite=latency` times the stages instead (magi_train/eval/latency.py). The set-up
-shared with the training-time callback (magi_train/eval/callback.py) lives here: `generate_config`,
-`load_scorers`, `bootstrap_settings` and `prompt_config`.
+one loaded pipeline per model. A run has two phases so that the generator and the scorers never share a GPU:
+first every model's clips are generated (each pipeline released before the next loads), then the scorer and
+the ASR load and score. Every clip's scores are cached in `<run_dir>/scores/<model>/<prompt id>.json` (written
+atomically, keyed by the clip's size and time and by every scoring setting), so a killed run resumes where it
+stopped, and `eval.num_shards` / `eval.shard_index` split the prompts across ranks or Slurm array tasks whose
+caches `eval.merge_only=true` turns into one report. `suite=latency` times the stages instead
+(magi_train/eval/latency.py). The set-up shared with the training-time callback (magi_train/eval/callback.py)
+lives here: `generate_config`, `load_scorers`, `bootstrap_settings` and `prompt_config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
+import hashlib
 import json
 import logging
 import time
@@ -20,10 +27,18 @@ from typing import TYPE_CHECKING, Any
 from magi_train.config import EvalConfig, GenerateConfig
 from magi_train.eval.asr import ASRBackend, load_asr
 from magi_train.eval.media import read_audio
-from magi_train.eval.report import load_compare, summarize_model, write_report
+from magi_train.eval.provenance import provenance
+from magi_train.eval.report import (
+    load_compare,
+    load_reference,
+    paired_differences,
+    summarize_model,
+    write_report,
+)
 from magi_train.eval.speech import SpeechScore, prompt_reference, score_transcript
 from magi_train.eval.suite import SuitePrompt, load_suite
 from magi_train.eval.videoscore import DIMENSIONS, VideoScorer, load_scorer
+from magi_train.utils.fileio import atomic_write, remove_temps
 
 if TYPE_CHECKING:
     from magi_train.eval.sync import SyncScorer
@@ -74,6 +89,8 @@ def load_scorers(eval_cfg: EvalConfig) -> tuple[VideoScorer | None, ASRBackend |
     scorer = load_scorer(
         sc.backend, sc.path, device=sc.device, dtype=sc.dtype, fps=sc.fps, max_new_tokens=sc.max_new_tokens,
         max_frames=sc.max_frames, min_pixels=sc.min_pixels, max_pixels=sc.max_pixels,
+        prompt_template=sc.prompt_template, decoding=sc.decoding, temperature=sc.temperature,
+        soft_score=sc.soft_score, seed=sc.seed,
     )  # fmt: skip
     asr = load_asr(eval_cfg.asr.backend, eval_cfg.asr.path, eval_cfg.asr.device, eval_cfg.asr.dtype)
     return scorer, asr
@@ -152,6 +169,24 @@ def _check_clips_dir(spec: ModelSpec) -> None:
                          "<prompt id>.mp4 for the suite's prompts")  # fmt: skip
 
 
+def release_generator() -> None:
+    """Collect a dropped generation pipeline and give its GPU memory back before the scorers load (they may not
+    fit beside a 15B DiT); the caller drops its last reference first."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def _complete(path: Path) -> bool:
+    """A clip of ours is complete once generate() wrote its JSON (written after the mp4, both atomically)."""
+    return path.is_file() and path.with_suffix(".json").is_file()
+
+
 def produce_clips(
     spec: ModelSpec,
     prompts: list[SuitePrompt],
@@ -159,37 +194,48 @@ def produce_clips(
     out_dir: Path,
     suite_seconds: float | None,
     reuse: bool,
+    generate_missing: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """Clip path (or None) and generation info per prompt id for one system."""
+    """Clip path (or None) and generation info per prompt id for one system; the pipeline is released after."""
     clips: dict[str, dict[str, Any]] = {}
     if spec.clips_dir is not None:
         _check_clips_dir(spec)
         for p in prompts:
             path = Path(spec.clips_dir) / f"{p.id}.mp4"
             clips[p.id] = {"path": str(path) if path.is_file() else None, "generated": False}
-        if not any(c["path"] for c in clips.values()):
+        if prompts and not any(c["path"] for c in clips.values()):
             raise ValueError(
                 f"eval model {spec.name!r}: none of the suite's clips <id>.mp4 are in {spec.clips_dir}"
             )
         return clips
 
-    from magi_train.inference.generate import generate, load_pipeline
-
     model_cfg = replace_config(gen_cfg, spec.generate, f"eval.models.{spec.name}")
     clip_dir = out_dir / "clips" / spec.name
-    todo = [p for p in prompts if not (reuse and (clip_dir / f"{p.id}.mp4").is_file())]
-    pipe = load_pipeline(model_cfg) if todo else None
-    for p in prompts:
-        path = clip_dir / f"{p.id}.mp4"
-        if p in todo:
-            result = generate(prompt_config(model_cfg, p, suite_seconds, path), pipe)
-            info = {"sampler": result.info["sampler"], "timings_s": result.info["timings_s"]}
-            clips[p.id] = {"path": str(path), "generated": True, **info}
-        else:
-            meta = path.with_suffix(".json")
-            info = json.loads(meta.read_text()) if meta.is_file() else {}
-            clips[p.id] = {"path": str(path), "generated": False, "sampler": info.get("sampler"),
-                           "timings_s": info.get("timings_s")}  # fmt: skip
+    todo = [p for p in prompts if not (reuse and _complete(clip_dir / f"{p.id}.mp4"))]
+    if todo and not generate_missing:
+        raise ValueError(
+            f"eval.merge_only=true but model {spec.name!r} has no clip for {[p.id for p in todo][:5]} in {clip_dir}: "
+            "run the shards (eval.num_shards / eval.shard_index) to completion first"
+        )
+    pipe = result = None
+    try:
+        if todo:
+            from magi_train.inference.generate import generate, load_pipeline
+
+            pipe = load_pipeline(model_cfg)
+        for p in prompts:
+            path = clip_dir / f"{p.id}.mp4"
+            if p in todo:
+                result = generate(prompt_config(model_cfg, p, suite_seconds, path), pipe)
+                info = {"sampler": result.info["sampler"], "timings_s": result.info["timings_s"]}
+                clips[p.id] = {"path": str(path), "generated": True, **info}
+            else:
+                info = json.loads(path.with_suffix(".json").read_text())
+                clips[p.id] = {"path": str(path), "generated": False, "sampler": info.get("sampler"),
+                               "timings_s": info.get("timings_s")}  # fmt: skip
+    finally:
+        pipe = result = None  # the last references: the pipeline's modules can be collected now
+        release_generator()
     return clips
 
 
@@ -200,6 +246,7 @@ def score_clip(
     asr: ASRBackend | None,
     normalizer: str,
     sync: SyncScorer | None = None,
+    fold_chinese: bool = False,
 ) -> tuple[dict[str, Any], SpeechScore | None]:
     """Scores, transcript and speech edits (and lip sync with a SyncScorer) of one clip."""
     record: dict[str, Any] = {"id": prompt.id, "path": path}
@@ -219,9 +266,13 @@ def score_clip(
         else:
             audio = read_audio(path, asr.sample_rate)
             record["transcript"] = asr.transcribe(audio, language) if audio.size else ""
-            speech = score_transcript(prompt.id, reference, record["transcript"], language, normalizer)
+            speech = score_transcript(
+                prompt.id, reference, record["transcript"], language, normalizer, fold_chinese
+            )
             if speech is not None:
                 record["speech"] = speech.as_dict()
+            else:
+                record["speech_skipped"] = "the reference is empty after normalisation"
     return record, speech
 
 
@@ -237,49 +288,196 @@ def _sync_scorer(eval_cfg: EvalConfig) -> SyncScorer | None:
     return SyncScorer.from_pretrained(eval_cfg.sync_weights, device=device, vshift=eval_cfg.sync_vshift)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Per-clip score cache
+# ---------------------------------------------------------------------------------------------------------
+
+CACHE_VERSION = 2  # bump when a score's meaning changes
+
+
+def scoring_key(eval_cfg: EvalConfig) -> str:
+    """Everything a cached score depends on besides the clip and its prompt: scorer, ASR, normaliser, lip sync."""
+    settings = {
+        "version": CACHE_VERSION,
+        "scorer": dataclasses.asdict(eval_cfg.scorer),
+        "asr": dataclasses.asdict(eval_cfg.asr),
+        "sync": [eval_cfg.sync_weights, eval_cfg.sync_vshift],
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _clip_stamp(path: str, prompt: SuitePrompt) -> dict[str, Any]:
+    st = Path(path).stat()
+    return {
+        "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+        "prompt": hashlib.sha256(prompt.prompt.encode()).hexdigest()[:16],
+    }  # fmt: skip
+
+
+class ScoreCache:
+    """`<run_dir>/scores/<model>/<prompt id>.json`: one clip's record, valid while key and clip stamp match."""
+
+    def __init__(self, root: Path, key: str):
+        self.root, self.key = root, key
+
+    def path(self, model: str, prompt_id: str) -> Path:
+        return self.root / model / f"{prompt_id}.json"
+
+    def load(self, model: str, prompt: SuitePrompt, clip: str) -> dict[str, Any] | None:
+        file = self.path(model, prompt.id)
+        if not file.is_file():
+            return None
+        try:
+            entry = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return None  # never half-written (atomic), but a hand-edited file is simply recomputed
+        if entry.get("key") != self.key or entry.get("clip") != _clip_stamp(clip, prompt):
+            return None
+        return entry["record"]
+
+    def store(self, model: str, prompt: SuitePrompt, clip: str, record: dict[str, Any]) -> None:
+        entry = {"key": self.key, "clip": _clip_stamp(clip, prompt), "record": record}
+        remove_temps(
+            self.path(model, prompt.id)
+        )  # a killed earlier writer's leftover (one shard owns a clip)
+        atomic_write(
+            self.path(model, prompt.id), json.dumps(entry, indent=1, ensure_ascii=False, default=str)
+        )
+
+
+class LazyScorers:
+    """The scorer, ASR and SyncNet, loaded on first use (after every generator is released); a run whose clips
+    are all cached loads none of them."""
+
+    def __init__(self, eval_cfg: EvalConfig):
+        self.eval_cfg, self.loaded = eval_cfg, False
+        self.scorer: VideoScorer | None = None
+        self.asr: ASRBackend | None = None
+        self.sync: SyncScorer | None = None
+
+    def get(self) -> LazyScorers:
+        if not self.loaded:
+            self.scorer, self.asr = load_scorers(self.eval_cfg)
+            self.sync = _sync_scorer(self.eval_cfg)
+            self.loaded = True
+        return self
+
+
+def shard_prompts(prompts: list[SuitePrompt], num_shards: int, shard_index: int) -> list[SuitePrompt]:
+    """This task's prompts: every `num_shards`-th one starting at `shard_index` (the same split for every model)."""
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(
+            f"eval.shard_index must be in [0, eval.num_shards) and num_shards >= 1, got {shard_index} / "
+            f"{num_shards} (for a Slurm array: eval.shard_index='${{oc.env:SLURM_ARRAY_TASK_ID}}')"
+        )
+    return prompts[shard_index::num_shards]
+
+
 def evaluate_models(eval_cfg: EvalConfig, gen_cfg: GenerateConfig, out_dir: Path) -> dict[str, Any]:
-    """Generate/reuse, score and summarise every model of the run; returns the report dict (not yet written)."""
+    """Generate/reuse, score and summarise every model of the run; returns the report dict (not yet written).
+
+    With `eval.num_shards > 1` (and not `merge_only`) only this shard's prompts are generated and scored and the
+    dict holds no summaries (`shard` says which part was done).
+    """
     suite_cfg = eval_cfg.suite
     if not suite_cfg.prompts:
         raise ValueError(f"suite {suite_cfg.name!r} names no prompts file (eval.suite.prompts)")
     prompts = load_suite(suite_cfg.prompts, suite_cfg.limit)
     specs = resolve_models(eval_cfg, gen_cfg)
-    scorer, asr = load_scorers(eval_cfg)
-    sync = _sync_scorer(eval_cfg)
+    sharded = eval_cfg.num_shards > 1 and not eval_cfg.merge_only
+    mine = shard_prompts(prompts, eval_cfg.num_shards, eval_cfg.shard_index) if sharded else prompts
     bootstrap = bootstrap_settings(eval_cfg)
-    models, clip_paths = [], {}
+    # phase 1: clips, one generator at a time, each released before the next (and before any scorer) loads
+    clips_by_model: dict[str, dict[str, dict[str, Any]]] = {}
+    seconds: dict[str, float] = {}
     for spec in specs:
         start = time.perf_counter()
-        clips = produce_clips(spec, prompts, gen_cfg, out_dir, suite_cfg.seconds, eval_cfg.reuse)
-        records, speech = [], []
-        for p in prompts:
-            path = clips[p.id]["path"]
-            if path is None:
+        clips_by_model[spec.name] = produce_clips(
+            spec,
+            mine,
+            gen_cfg,
+            out_dir,
+            suite_cfg.seconds,
+            eval_cfg.reuse,
+            generate_missing=not eval_cfg.merge_only,
+        )
+        seconds[spec.name] = time.perf_counter() - start
+    # phase 2: scores, from the cache where valid
+    cache = ScoreCache(out_dir / "scores", scoring_key(eval_cfg))
+    scorers = LazyScorers(eval_cfg)
+    all_records: dict[str, list[dict[str, Any]]] = {}
+    resumed = computed = 0
+    for spec in specs:
+        start = time.perf_counter()
+        records = []
+        for p in mine:
+            clip = clips_by_model[spec.name][p.id]
+            if clip["path"] is None:
                 records.append({"id": p.id, "missing": True})
                 continue
-            record, s = score_clip(p, path, scorer, asr, eval_cfg.asr.normalizer, sync)
-            record["sampler"] = clips[p.id].get("sampler")
-            record["timings_s"] = clips[p.id].get("timings_s")
+            record = cache.load(spec.name, p, clip["path"])
+            if record is None:
+                if eval_cfg.merge_only:
+                    raise ValueError(
+                        f"eval.merge_only=true but {spec.name}/{p.id} has no valid cached score in "
+                        f"{cache.path(spec.name, p.id)}: run its shard (with the same scoring settings) first"
+                    )
+                s = scorers.get()
+                record, _ = score_clip(
+                    p,
+                    clip["path"],
+                    s.scorer,
+                    s.asr,
+                    eval_cfg.asr.normalizer,
+                    s.sync,
+                    eval_cfg.asr.fold_chinese,
+                )
+                record["sampler"] = clip.get("sampler")
+                record["timings_s"] = clip.get("timings_s")
+                cache.store(spec.name, p, clip["path"], record)
+                computed += 1
+            else:
+                resumed += 1
             records.append(record)
-            if s is not None:
-                speech.append(s)
-        summary = summarize_model(spec.name, records, speech, bootstrap)
-        summary["source"] = {"clips_dir": spec.clips_dir, "generate": spec.generate}
-        summary["seconds"] = round(time.perf_counter() - start, 2)
-        models.append(summary)
-        clip_paths[spec.name] = {r["id"]: r["path"] for r in records if r.get("path")}
-        log.info("evaluated %s on %d prompts in %.1f s", spec.name, len(prompts), summary["seconds"])
+        all_records[spec.name] = records
+        seconds[spec.name] += time.perf_counter() - start
+        log.info("scored %s: %d prompts in %.1f s", spec.name, len(mine), seconds[spec.name])
     report: dict[str, Any] = {
         "suite": {"name": suite_cfg.name, "prompts": str(suite_cfg.prompts), "count": len(prompts)},
-        "scorer": scorer.name if scorer else "none",
-        "asr": asr.name if asr else "none",
+        "scorer": eval_cfg.scorer.backend,
+        "scorer_settings": dataclasses.asdict(eval_cfg.scorer),
+        "asr": eval_cfg.asr.backend,
         "normalizer": eval_cfg.asr.normalizer,
+        "fold_chinese": eval_cfg.asr.fold_chinese,
         "confidence": eval_cfg.confidence,
         "bootstrap_resamples": eval_cfg.bootstrap_resamples,
-        "models": models,
-        "compare": load_compare(list(eval_cfg.compare)),
+        "cache": {"scores_reused": resumed, "scores_computed": computed, "key": cache.key},
     }
-    report["_clip_paths"] = clip_paths
+    if sharded:
+        report["shard"] = {
+            "index": eval_cfg.shard_index,
+            "count": eval_cfg.num_shards,
+            "prompts": [p.id for p in mine],
+        }
+        return report
+    models = []
+    for spec in specs:
+        records = all_records[spec.name]
+        speech = [SpeechScore.from_dict(r["speech"]) for r in records if r.get("speech")]
+        summary = summarize_model(spec.name, records, speech, bootstrap)
+        summary["source"] = {"clips_dir": spec.clips_dir, "generate": spec.generate}
+        summary["seconds"] = round(seconds[spec.name], 2)
+        models.append(summary)
+    report.update(
+        models=models,
+        paired=paired_differences(models, bootstrap),
+        reference=load_reference(eval_cfg.reference),
+        compare=load_compare(list(eval_cfg.compare)),
+        provenance=provenance(eval_cfg, gen_cfg, specs),
+    )
+    report["_clip_paths"] = {
+        m["name"]: {r["id"]: r["path"] for r in m["clips"] if r.get("path")} for m in models
+    }
     report["_prompts"] = {p.id: p.prompt for p in prompts}
     return report
 
@@ -304,24 +502,39 @@ def run_evaluate(
             if spec.clips_dir:
                 _check_clips_dir(spec)
         plan = {"suite": eval_cfg.suite.name, "prompts": len(prompts), "models": [s.name for s in specs]}
+        if eval_cfg.num_shards > 1 and not eval_cfg.merge_only:
+            plan["shard_prompts"] = len(shard_prompts(prompts, eval_cfg.num_shards, eval_cfg.shard_index))
         print(plan)
         return plan
     report = evaluate_models(eval_cfg, gen_cfg, out_dir)
+    if "shard" in report:
+        shard = report["shard"]
+        marker = out_dir / "shards" / f"{shard['index']:04d}-of-{shard['count']:04d}.json"
+        atomic_write(marker, json.dumps(report, indent=2, default=str))
+        print(f"shard {shard['index']} of {shard['count']}: {len(shard['prompts'])} prompts done ({marker}); "
+              "run with eval.merge_only=true once every shard is done")  # fmt: skip
+        return {"shard": str(marker), **shard}
     clip_paths, prompts = report.pop("_clip_paths"), report.pop("_prompts")
     if eval_cfg.preference:
         from magi_train.eval.preference import preference_markdown, preference_report, read_judgements
 
-        pref = preference_report(read_judgements(eval_cfg.preference), **bootstrap_settings(eval_cfg))
+        pref = preference_report(
+            read_judgements(eval_cfg.preference), bt_alpha=eval_cfg.bt_alpha,
+            resample=eval_cfg.preference_resample, **bootstrap_settings(eval_cfg),
+        )  # fmt: skip
         report["preference"] = pref
         report["preference_markdown"] = preference_markdown(pref)
     if eval_cfg.pair_sheet:
-        from magi_train.eval.preference import write_pair_sheet
+        from magi_train.eval.preference import rater_names, write_pair_sheet
 
         if len(clip_paths) < 2:
             raise ValueError("eval.pair_sheet=true needs at least two models (eval.models)")
         report["pair_sheet"] = str(
-            write_pair_sheet(clip_paths, out_dir / "pair_sheet", prompts, seed=eval_cfg.seed)
-        )
+            write_pair_sheet(
+                clip_paths, out_dir / "pair_sheet", prompts, seed=eval_cfg.seed,
+                raters=rater_names(eval_cfg.pair_sheet_raters),
+            )
+        )  # fmt: skip
     paths = write_report(report, out_dir)
     print(Path(paths["md"]).read_text(encoding="utf-8"))
     print(f"wrote {paths['json']}, {paths['md']}" + (f" and {paths['plot']}" if paths["plot"] else ""))

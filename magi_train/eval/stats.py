@@ -88,3 +88,97 @@ def mean_ci(values: Sequence[float], **kwargs) -> Estimate:
 def ratio_ci(numerators: Sequence[float], denominators: Sequence[float], **kwargs) -> Estimate:
     """Corpus-level rate sum(num) / sum(den) (e.g. total edits / total reference words), resampling clips."""
     return bootstrap(_ratio, [np.asarray(numerators), np.asarray(denominators)], **kwargs)
+
+
+def cluster_weights(
+    clusters: Sequence[Sequence[object]], n_resamples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Bootstrap weights `[n_resamples, N]` of N observations when whole clusters are resampled.
+
+    `clusters` holds one label sequence per clustering factor (e.g. the rater and the prompt of each judgement).
+    One factor: each resample draws that factor's clusters with replacement and an observation's weight is how
+    often its cluster was drawn. Several factors (two-way, e.g. raters x prompts): the factors are drawn
+    independently and the weight is the product of the counts, the standard two-way bootstrap for crossed
+    random effects (Owen 2007; Field & Welsh 2007).
+    """
+    weights: np.ndarray | None = None
+    for labels in clusters:
+        _, index = np.unique(np.asarray([str(x) for x in labels]), return_inverse=True)
+        k = int(index.max()) + 1 if len(index) else 0
+        draws = rng.integers(0, k, size=(n_resamples, k)) + k * np.arange(n_resamples)[:, None]
+        counts = (
+            np.bincount(draws.ravel(), minlength=n_resamples * k).reshape(n_resamples, k).astype(np.float64)
+        )
+        w = counts[:, index]
+        weights = w if weights is None else weights * w
+    assert weights is not None, "cluster_weights needs at least one clustering factor"
+    return weights
+
+
+def weighted_bootstrap(
+    statistic: Callable[[np.ndarray], np.ndarray],
+    weights: np.ndarray,
+    point: float | None,
+    n: int,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> Estimate:
+    """Percentile interval of `statistic(weights) -> [n_resamples]` (NaN resamples, e.g. an empty draw, dropped)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    draws = np.asarray(statistic(weights), dtype=np.float64)
+    draws = draws[np.isfinite(draws)]
+    if draws.size < 2 or n < 2:
+        return Estimate(point, None, None, n)
+    lo, hi = np.quantile(draws, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return Estimate(point, float(lo), float(hi), n)
+
+
+def clustered_mean_ci(
+    values: Sequence[float],
+    clusters: Sequence[Sequence[object]],
+    n_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = 0,
+) -> Estimate:
+    """Mean of `values` with a cluster (or two-way cluster) bootstrap interval; see `cluster_weights`."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return Estimate(None, None, None, 0)
+    weights = cluster_weights(clusters, n_resamples, np.random.default_rng(seed))
+    return weighted_mean_ci(x, weights, confidence)
+
+
+def weighted_mean_ci(x: np.ndarray, weights: np.ndarray, confidence: float = DEFAULT_CONFIDENCE) -> Estimate:
+    """Mean of `x` with the percentile interval of its means under bootstrap `weights` `[n_resamples, N]`."""
+
+    def stat(w: np.ndarray) -> np.ndarray:
+        total = w.sum(axis=1)
+        return (w @ x) / np.where(total > 0, total, np.nan)
+
+    return weighted_bootstrap(stat, weights, float(x.mean()), int(x.size), confidence)
+
+
+def paired_difference(
+    a: Sequence[float],
+    b: Sequence[float],
+    n_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = 0,
+    denominators: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> Estimate:
+    """Paired bootstrap of a difference between two systems on the same items (prompts): mean(a) - mean(b), or
+    with `denominators` the corpus-rate difference sum(a)/sum(da) - sum(b)/sum(db) (e.g. WER edits / words).
+    Items are resampled jointly, so what the two systems share (prompt difficulty) cancels out."""
+    xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if xa.shape != xb.shape:
+        raise ValueError(f"paired samples must have equal lengths, got {len(xa)} / {len(xb)}")
+    if denominators is None:
+        return bootstrap(
+            lambda x, y, axis=-1: np.mean(x, axis=axis) - np.mean(y, axis=axis), [xa, xb],
+            n_resamples=n_resamples, confidence=confidence, seed=seed,
+        )  # fmt: skip
+    da, db = (np.asarray(d, dtype=np.float64) for d in denominators)
+    return bootstrap(
+        lambda x, y, u, v, axis=-1: _ratio(x, u, axis) - _ratio(y, v, axis), [xa, xb, da, db],
+        n_resamples=n_resamples, confidence=confidence, seed=seed,
+    )  # fmt: skip

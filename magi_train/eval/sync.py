@@ -110,7 +110,15 @@ class SyncNet(nn.Module):
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            import pickle
+
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err:
+                raise ValueError(
+                    f"{str(path)!r} holds more than tensors (pickled objects), which are never unpickled here; "
+                    "save its state dict alone, or convert it to .safetensors"
+                ) from err
         if not isinstance(state, dict):
             raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
         if not kwargs:  # widths from the weights (the released model, or a smaller one of the same layout)
@@ -130,14 +138,18 @@ class SyncNet(nn.Module):
                 ) from None
         net = cls(**kwargs)
         own = net.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        # The released syncnet_v2.model predates BatchNorm's `num_batches_tracked` buffer (PyTorch 0.4): those,
+        # and only those, may be missing. They only count updates in training mode, so eval output is unchanged.
+        missing = sorted(k for k in set(own) - set(state) if not k.endswith(".num_batches_tracked"))
+        unexpected = sorted(set(state) - set(own))
         wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
         if missing or unexpected or wrong:
             raise ValueError(
                 f"{str(path)!r} is not a SyncNet 'S' state dict of this size: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
             )
-        net.load_state_dict(state)
+        state = {**{k: v for k, v in own.items() if k.endswith(".num_batches_tracked")}, **state}
+        net.load_state_dict(state, strict=True)
         return net.eval()
 
 
@@ -183,7 +195,9 @@ def face_windows(frames: np.ndarray, crop: str = "center") -> torch.Tensor:
 
 @dataclass(frozen=True)
 class SyncResult:
-    offset: int  # frames; positive: the audio lags the video
+    offset: (
+        int  # frames, syncnet_python's sign: vshift - argmin, i.e. minus the audio shift k that matches best
+    )
     lse_d: float  # mean embedding distance at the best offset (lower is better)
     lse_c: float  # median minus minimum of the mean distances over offsets (higher is better)
     mean_distances: list[float]  # per offset -vshift .. vshift
@@ -191,7 +205,11 @@ class SyncResult:
 
 def offset_search(video_feat: torch.Tensor, audio_feat: torch.Tensor, vshift: int = 15) -> SyncResult:
     """Mean distance between video window t and audio window t + k for k in [-vshift, vshift] (zero-padded at
-    the ends, as the reference); the best k, its distance (LSE-D) and the confidence (LSE-C)."""
+    the ends, as the reference); the offset, the best distance (LSE-D) and the confidence (LSE-C).
+
+    The offset has syncnet_python's sign (`SyncNetInstance.evaluate`: `offset = vshift - minidx`, where column
+    `minidx` compares audio window t + minidx - vshift): offset = -k for the best k. A clip whose sound comes
+    d frames late (the audio of video frame t sits at audio window t + d) has offset -d."""
     if video_feat.shape != audio_feat.shape or video_feat.ndim != 2:
         raise ValueError(
             f"features must be [N, D] of equal shape, got {video_feat.shape} / {audio_feat.shape}"
@@ -206,7 +224,7 @@ def offset_search(video_feat: torch.Tensor, audio_feat: torch.Tensor, vshift: in
     )  # [N, span]: column j compares audio shifted by j - vshift
     mean = dists.mean(0)
     best = int(torch.argmin(mean))
-    return SyncResult(best - vshift, float(mean[best]), float(mean.median() - mean[best]), mean.tolist())
+    return SyncResult(vshift - best, float(mean[best]), float(mean.median() - mean[best]), mean.tolist())
 
 
 class SyncScorer:

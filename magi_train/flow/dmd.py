@@ -415,6 +415,40 @@ def critic_loss(
 # optional GAN term (DMD2: non-saturating, discriminator head on the critic)
 
 
+def sample_gan_sigma(
+    n: int, high: float = 1.0, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Noise levels of the diffusion-GAN term, one per sample: s ~ U[0, high), unshifted and unclamped.
+
+    DMD2 noises the discriminator's inputs at t ~ U{0, diffusion_gan_max_timestep} with max 1000 in every recipe
+    (sd_guidance.py `compute_cls_logits`), i.e. uniformly over the whole training range, not at the DMD step's
+    shifted and clamped levels. Use one draw for the real and the fake batch (`diffusion_gan_inputs`).
+    """
+    if not 0.0 < high <= 1.0:
+        raise ValueError(f"GAN noise level bound must be in (0, 1], got {high}")
+    return high * torch.rand(n, generator=generator, device=device)
+
+
+def diffusion_gan_inputs(
+    real: Batch, fake: Batch, sigma: Tensor, generator: torch.Generator | None = None
+) -> tuple[Batch, Batch]:
+    """Real and (detached or not) fake clean samples noised at the same levels sigma [N], independent noise.
+
+    Sample i of both batches gets noise level sigma[i], so the discriminator compares real and fake at matched
+    noise levels (the distributions DMD2 draws them from are the same; FastGen pairs them per sample,
+    `gan_use_same_t_noise`) and cannot tell them apart by how noisy they are.
+    """
+    if num_samples(real) != num_samples(fake) or num_samples(real) != len(sigma):
+        raise ValueError(
+            f"diffusion GAN: real ({num_samples(real)}), fake ({num_samples(fake)}) and sigma ({len(sigma)}) "
+            "must have one entry per sample each"
+        )
+    return (
+        noise_batch(real, randn_like_batch(real, generator), sigma),
+        noise_batch(fake, randn_like_batch(fake, generator), sigma),
+    )
+
+
 def gan_generator_loss(logits_fake: Tensor) -> Tensor:
     """Non-saturating generator loss mean softplus(-D(x_g)) (DMD2 weight 5e-3 for SDXL)."""
     return F.softplus(-logits_fake.float()).mean()
@@ -432,6 +466,7 @@ __all__ = [
     "ScoreModel",
     "critic_loss",
     "detach",
+    "diffusion_gan_inputs",
     "dmd_generator_loss",
     "dmd_gradient",
     "dmd_loss",
@@ -445,6 +480,7 @@ __all__ = [
     "per_sample",
     "predict_x0",
     "randn_like_batch",
+    "sample_gan_sigma",
     "sample_score_sigma",
     "sample_step_index",
     "shared_generator",

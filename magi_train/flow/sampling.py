@@ -83,6 +83,35 @@ def cfg_combine(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
     return uncond + scale * (cond - uncond)
 
 
+def cond_uncond(
+    model: Denoiser,
+    video: list[Tensor],
+    audio: list[Tensor],
+    text: list[Tensor],
+    negative_text: list[Tensor],
+    batched: bool = True,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """(v_cond, a_cond, v_uncond, a_uncond) of N clips: the same latents with their text and with the negative text.
+
+    batched: the 2N branches run as 2N clips of one packed forward (per-clip varlen attention keeps them apart, so
+    the result equals two forwards up to float rounding) instead of two forwards of N clips each; the release runs
+    the two branches as two batch-1 calls (spec §4.5). For every caller of CFG over a `Denoiser` (the base
+    sampler; DMD-2's teacher).
+    """
+    n = len(video)
+    if not (len(audio) == len(text) == len(negative_text) == n):
+        raise ValueError(
+            f"cond_uncond needs one audio, text and negative text per clip, got {n} video, {len(audio)} audio, "
+            f"{len(text)} text, {len(negative_text)} negative text"
+        )
+    if not batched:
+        v_cond, a_cond = model(video, audio, text)
+        v_unc, a_unc = model(video, audio, negative_text)
+        return list(v_cond), list(a_cond), list(v_unc), list(a_unc)
+    v_all, a_all = model([*video, *video], [*audio, *audio], [*text, *negative_text])
+    return list(v_all[:n]), list(a_all[:n]), list(v_all[n:]), list(a_all[n:])
+
+
 def _progress(it: Iterable, enabled: bool, desc: str):
     if not enabled:
         return it
@@ -160,12 +189,14 @@ def sample_unipc(
     first_frames: list[Tensor | None] | None = None,
     clean_audio: list[Tensor | None] | None = None,
     progress: bool = False,
+    batch_cfg: bool = True,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Base sampler: flow UniPC-2 on video and audio, CFG with the negative prompt as the uncond branch.
 
-    video/audio: initial noise per clip. negative_text None (or guidance None) runs without CFG.
+    video/audio: initial noise per clip. negative_text None runs without CFG (guidance None: released scales).
     first_frames (i2v) are re-imposed before every step and at the end; clean_audio (a2v) is held fixed
-    and not updated (the released cfg-2 path).
+    and not updated (the released cfg-2 path). batch_cfg: both CFG branches in one packed forward
+    (`cond_uncond`); False runs two forwards per step as the release does.
     """
     guidance = guidance or Guidance()
     use_cfg = negative_text is not None
@@ -175,12 +206,13 @@ def sample_unipc(
     video, audio = list(video), list(audio)
     for t in _progress(timesteps, progress, "sampling"):
         video, audio = impose_conditions(video, audio, first_frames, clean_audio)
-        v_cond, a_cond = model(video, audio, text)
         if use_cfg:
-            v_unc, a_unc = model(video, audio, negative_text)
+            v_cond, a_cond, v_unc, a_unc = cond_uncond(model, video, audio, text, negative_text, batch_cfg)
             sv, sa = (float(w) for w in guidance.scales(torch.tensor(t)))
             v_cond = [cfg_combine(c, u, sv) for c, u in zip(v_cond, v_unc, strict=True)]
             a_cond = [cfg_combine(c, u, sa) for c, u in zip(a_cond, a_unc, strict=True)]
+        else:
+            v_cond, a_cond = model(video, audio, text)
         for i, (sv_sched, sa_sched) in enumerate(scheds):
             video[i] = sv_sched.step(v_cond[i].unsqueeze(0), t, video[i].unsqueeze(0)).prev_sample[0]
             if clean_audio is None or clean_audio[i] is None:
@@ -230,6 +262,7 @@ __all__ = [
     "Mode",
     "X0Predictor",
     "cfg_combine",
+    "cond_uncond",
     "fresh_noise",
     "make_unipc",
     "released_sigmas",

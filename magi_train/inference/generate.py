@@ -3,8 +3,10 @@
 Follows the released pipeline (spec §4-6, `MagiEvaluator.evaluate`): T5-Gemma text features, base
 sampler = flow UniPC with CFG (negative prompt as the uncond branch) or the few-step distilled re-noising
 sampler (steps and shift of the checkpoint's distillation, else the released 8 / 5), optional latent SR
-(trilinear upsample, VP re-noise, SR DiT with its own UniPC steps, base audio kept), Wan2.2 video decode,
-Oobleck audio decode resampled 51.2 -> 44.1 kHz, H.264 + AAC mp4 via PyAV.
+(trilinear upsample, VP re-noise, SR DiT with its own UniPC steps, base audio kept), video decode by the
+TurboVAED (`generate.turbo_vae`, the release's default) or the Wan2.2 VAE, Oobleck audio decode resampled
+51.2 -> 44.1 kHz, H.264 + AAC mp4 via PyAV. CFG runs both branches as two clips of one packed forward
+(`generate.batch_cfg`; the release runs two forwards).
 The samplers are the ones of `magi_train.flow.sampling`; nothing here re-implements a sampling step.
 
 Frame counts. As in the release, a clip of `seconds` has F = seconds*25 + 1 frames = A audio latents
@@ -17,8 +19,9 @@ The model sees exactly the release's latent shapes.
 
 a2v. The driving audio is read for F/25 s (the release reads `seconds` and gets A = seconds*25) so that
 every mode has the same shapes; a file that covers `seconds` but not the last 40 ms frame is padded with
-silence for that frame, a shorter one is an error. Its latents (posterior sampled, as released) stay clean
-through sampling and are what is decoded into the output audio, as in the release.
+silence for that frame, a shorter one is an error. Its latents (posterior sampled, as released; audio longer
+than 29 s in 29 s windows with 50 % overlap, `AudioVAE.encode_windowed`) stay clean through sampling and are
+what is decoded into the output audio, as in the release.
 
 RNG (spec §4.8): one generator seeded with `seed` on the sampling device draws, in order, the audio noise
 (or the a2v posterior sample), the video noise, the distilled sampler's per-step noise, then the SR video
@@ -45,6 +48,7 @@ from magi_train.codecs import (
     AudioVAE,
     LatentSize,
     TextEncoder,
+    TurboVAE,
     VideoVAE,
     center_crop_resize,
     frames_for_seconds,
@@ -246,9 +250,10 @@ def _codec_path(cfg: GenerateConfig, name: str, what: str) -> str:
 
 def load_codecs(
     cfg: GenerateConfig, device: torch.device, autocast_dtype: torch.dtype | None
-) -> tuple[VideoVAE, AudioVAE, str | None]:
-    """(video VAE, audio VAE, text encoder directory or None) named by `cfg`; with `tiny_codecs`, random tiny
-    codecs are written into `codecs_dir` first. The text encoder is loaded later, only when needed."""
+) -> tuple[VideoVAE, AudioVAE, str | None, TurboVAE | None]:
+    """(video VAE, audio VAE, text encoder directory or None, TurboVAED decoder or None) named by `cfg`; with
+    `tiny_codecs`, random tiny codecs are written into `codecs_dir` first. The text encoder is loaded later, only
+    when needed. The Wan2.2 VAE is always loaded: it encodes i2v images and is the decoder without a TurboVAED."""
     video_path = _codec_path(cfg, "video_vae", "a diffusers AutoencoderKLWan (Wan2.2 VAE)")
     audio_path = _codec_path(cfg, "audio_vae", "a diffusers AutoencoderOobleck (Stable Audio Open VAE)")
     if cfg.tiny_codecs:
@@ -262,7 +267,13 @@ def load_codecs(
     video_vae = VideoVAE.from_pretrained(video_path, video_vae_dtype, device)
     audio_vae = AudioVAE.from_pretrained(audio_path, device=device)
     text_path = cfg.text_encoder or (str(Path(cfg.codecs_dir) / "text_encoder") if cfg.codecs_dir else None)
-    return video_vae, audio_vae, text_path
+    # the release runs the TurboVAED in the DiT's dtype (bf16 on GPU)
+    turbo = (
+        TurboVAE.from_pretrained(cfg.turbo_vae, video_vae_dtype, device, what="generate.turbo_vae")
+        if cfg.turbo_vae
+        else None
+    )
+    return video_vae, audio_vae, text_path, turbo
 
 
 @dataclass
@@ -278,7 +289,17 @@ class Pipeline:
     sr: LoadedDiT | None = None
     text_encoder_path: str | None = None
     _text_encoder: TextEncoder | None = field(default=None, repr=False)
+    turbo_vae: TurboVAE | None = None  # the video decoder when set (else video_vae decodes)
     _negative_cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def decoder(self) -> VideoVAE | TurboVAE:
+        """The video decoder: the TurboVAED when one is loaded (generate.turbo_vae), else the Wan2.2 VAE."""
+        return self.turbo_vae if self.turbo_vae is not None else self.video_vae
+
+    @property
+    def decoder_name(self) -> str:
+        return "turbo" if self.turbo_vae is not None else "wan2.2"
 
     @property
     def text_encoder(self) -> TextEncoder:
@@ -319,7 +340,7 @@ def load_pipeline(cfg: GenerateConfig) -> Pipeline:
     kinds = {role: check_source(path, f"generate.{role}_ckpt") for role, path, _ in roles}
     device = resolve_device(cfg.device)
     autocast_dtype = resolve_precision(cfg.precision, device)
-    video_vae, audio_vae, text_path = load_codecs(cfg, device, autocast_dtype)
+    video_vae, audio_vae, text_path, turbo = load_codecs(cfg, device, autocast_dtype)
 
     def dit(role: str, path: str, model_key: str) -> LoadedDiT:
         """One role's DiT for sampling: ours rebuild from their stored config, released ones from `model_key`."""
@@ -365,7 +386,7 @@ def load_pipeline(cfg: GenerateConfig) -> Pipeline:
     base = dit(*roles[0])
     sr = dit(*roles[1]) if cfg.sr_ckpt else None
     return Pipeline(
-        base, video_vae, audio_vae, device, autocast_dtype, distilled, sr, text_path, text_encoder
+        base, video_vae, audio_vae, device, autocast_dtype, distilled, sr, text_path, text_encoder, turbo
     )
 
 
@@ -383,10 +404,12 @@ def pipeline_for_model(
     the distilled sampler its steps and shift). The checkpoint fields and `device` of `cfg` are not used.
     """
     autocast_dtype = resolve_precision(cfg.precision, device)
-    video_vae, audio_vae, text_path = load_codecs(cfg, device, autocast_dtype)
+    video_vae, audio_vae, text_path, turbo = load_codecs(cfg, device, autocast_dtype)
     task = config.get("task") if config else None
     base = LoadedDiT(model, source="training", weights="raw", path=path, task=task, config=config)
-    return Pipeline(base, video_vae, audio_vae, device, autocast_dtype, distilled, None, text_path)
+    return Pipeline(
+        base, video_vae, audio_vae, device, autocast_dtype, distilled, None, text_path, turbo_vae=turbo
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -567,7 +590,10 @@ def generate(cfg: GenerateConfig, pipeline: Pipeline | None = None) -> GenerateR
         clean_audio = None
         if cfg.audio:
             wave_in = read_driving_audio(cfg.audio, cfg.seconds, frames).to(device)
-            clean_audio = pipe.audio_vae.encode(wave_in[None], sample=True, generator=gen)[0, :num_audio]
+            # longer than 29 s: in overlapping windows, as released (spec §4.7)
+            clean_audio = pipe.audio_vae.encode_windowed(wave_in[None], sample=True, generator=gen)[
+                0, :num_audio
+            ]
             assert clean_audio.shape[0] == num_audio, clean_audio.shape
 
     # initial noise in the release's order: audio, then video (spec §4.2)
@@ -611,6 +637,7 @@ def generate(cfg: GenerateConfig, pipeline: Pipeline | None = None) -> GenerateR
                 first_frames=first,
                 clean_audio=held_audio,
                 progress=cfg.progress,
+                batch_cfg=cfg.batch_cfg,
             )
     base_video = video
 
@@ -650,7 +677,7 @@ def generate(cfg: GenerateConfig, pipeline: Pipeline | None = None) -> GenerateR
         }
 
     with timer("decode"):
-        pixels = pipe.video_vae.decode(video[None].float())[0]
+        pixels = pipe.decoder.decode(video[None].float())[0]
         decoded = pixels.shape[1]
         assert decoded == pixel_frames(num_latent), (decoded, num_latent)
         rgb = _to_uint8(pixels)
@@ -688,6 +715,8 @@ def generate(cfg: GenerateConfig, pipeline: Pipeline | None = None) -> GenerateR
             "checkpoint": pipe.base.describe(),
         },
         "sr": sr_info,
+        "decoder": {"kind": pipe.decoder_name, "path": pipe.turbo_vae.path if pipe.turbo_vae else None},
+        "batch_cfg": bool(cfg.batch_cfg and negative is not None),
         "device": str(device),
         "precision": "bf16" if pipe.autocast_dtype is torch.bfloat16 else "fp32",
         "timings_s": timer.times,

@@ -17,7 +17,7 @@ import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import safetensors.torch
 import torch
@@ -25,6 +25,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from magi_train.models.dit import MODEL_CONFIGS, DiT, DiTConfig
+from magi_train.models.shards import fill, is_sharded
 from magi_train.utils.fileio import atomic_dir
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -248,14 +249,15 @@ def _stream_tensors(path: Path, keys: set[str]) -> Iterator[tuple[str, Tensor]]:
                 yield key, flat.reshape(shape)
 
 
-def _iter_tensors(path: Path, keys: set[str]) -> Iterator[tuple[str, Tensor]]:
+def _iter_tensors(path: Path, keys: set[str], lazy: bool = False) -> Iterator[tuple[str, Any]]:
+    """(key, tensor) of a shard; lazy: safetensors slices instead, of which a sharded model reads only its rows."""
     if path.suffix == ".zst":
         yield from _stream_tensors(path, keys)
         return
     with safe_open(str(path), framework="pt", device="cpu") as f:
         for key in f.keys():
             if key in keys:
-                yield key, f.get_tensor(key)
+                yield key, f.get_slice(key) if lazy else f.get_tensor(key)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -372,6 +374,7 @@ def load_released(model: DiT, path: str | Path) -> None:
         _check_weight_map(weight_map, owner, path)
 
     target = model.state_dict()  # detached tensors sharing storage with the parameters and buffers
+    sharded = any(is_sharded(t) for t in target.values())
     _validate(model, target, ckpt, path)
     meta = [k for k, t in target.items() if t.is_meta]
     if meta:
@@ -383,8 +386,9 @@ def load_released(model: DiT, path: str | Path) -> None:
     with torch.no_grad():
         for shard in files:
             keys = {k for k, p in owner.items() if p == shard}
-            for key, tensor in _iter_tensors(shard, keys):
-                target[key].copy_(tensor)
+            # a sharded (FSDP2) model: each rank reads only the rows of its shards (shards.py)
+            for key, tensor in _iter_tensors(shard, keys, lazy=sharded):
+                fill(target[key], tensor)
 
 
 def _check_weight_map(weight_map: dict[str, str], owner: dict[str, Path], source: Path) -> None:
@@ -429,25 +433,54 @@ def export_released(
     _check_out_dir(out_dir, overwrite)
 
     state = model.state_dict()
-    expected = released_key_shapes(model.cfg)
-    layout = {k: tuple(t.shape) for k, t in state.items()}
-    if layout != expected:
-        diff = sorted(set(layout).symmetric_difference(expected)) or [
-            k for k in expected if layout[k] != expected[k]
+    meta = [k for k, t in state.items() if t.is_meta]
+    if meta:
+        raise ValueError(f"cannot export tensors on the meta device: {_short_list(meta)}")
+    shapes = {k: tuple(t.shape) for k, t in state.items()}
+    return export_tensors(
+        model.cfg,
+        shapes,
+        lambda keys: {k: state[k] for k in keys},
+        out_dir,
+        dtype_policy,
+        max_shard_bytes,
+        overwrite,
+    )
+
+
+def export_tensors(
+    cfg: DiTConfig,
+    shapes: dict[str, tuple[int, ...]],
+    fetch,
+    out_dir: str | Path,
+    dtype_policy: str = "base",
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> Path:
+    """export_released from a source that hands over the tensors of one output shard at a time: `fetch(keys)`
+    returns {key: tensor} for those keys, so at most one shard's tensors are in memory (consolidate streams a
+    sharded checkpoint this way). `shapes`: every key's shape, checked against the released layout first."""
+    if dtype_policy not in DTYPE_POLICIES:
+        raise ValueError(f"dtype_policy must be one of {DTYPE_POLICIES}, got {dtype_policy!r}")
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    expected = released_key_shapes(cfg)
+    if shapes != expected:
+        diff = sorted(set(shapes).symmetric_difference(expected)) or [
+            k for k in expected if shapes[k] != expected[k]
         ]
         raise ValueError(
             f"the model's state dict is not in the released layout for its config ({_short_list(diff)}); "
             "export the bare DiT, not a wrapper"
         )
-    meta = [k for k, t in state.items() if t.is_meta]
-    if meta:
-        raise ValueError(f"cannot export tensors on the meta device: {_short_list(meta)}")
-
-    dtypes = {k: released_dtype(k, dtype_policy) for k in state}
-    nbytes = {k: state[k].numel() * dtypes[k].itemsize for k in state}
+    order = list(expected)  # state-dict order
+    dtypes = {k: released_dtype(k, dtype_policy) for k in order}
+    nbytes = {k: math.prod(shapes[k]) * dtypes[k].itemsize for k in order}
     shards: list[list[str]] = [[]]
     size = 0
-    for key in state:
+    for key in order:
         if shards[-1] and size + nbytes[key] > max_shard_bytes:
             shards.append([])
             size = 0
@@ -458,7 +491,9 @@ def export_released(
 
     def write(tmp: Path) -> None:
         for name, keys in zip(names, shards, strict=True):
-            tensors = {k: state[k].detach().to(device="cpu", dtype=dtypes[k]).contiguous() for k in keys}
+            got = fetch(keys)
+            tensors = {k: got[k].detach().to(device="cpu", dtype=dtypes[k]).contiguous() for k in keys}
+            del got
             safetensors.torch.save_file(tensors, str(tmp / name), metadata={"format": "pt"})
             del tensors
         if n > 1:

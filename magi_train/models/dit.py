@@ -46,6 +46,7 @@ class DiTConfig:
     norm_eps: float = 1e-6
     # runtime options, applied from outside by parallelize(); they do not change the weights
     activation_checkpointing: bool = False
+    ac_every: int = 1  # with activation_checkpointing: checkpoint every k-th layer (1 = all)
     compile: bool = False
     attn_backend: str = "auto"  # auto | flash | sdpa
 
@@ -107,6 +108,11 @@ class PackedSeq:
 
     def from_modality(self, parts: list[Tensor]) -> Tensor:
         return torch.cat(parts)[self.inv_perm]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
+        """Per-clip attention of this layout's tokens; a context-parallel layout (models/parallelize.py)
+        overrides it to exchange heads for tokens across its ranks around the same varlen attention."""
+        return varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen, backend)
 
 
 def patchify(video: Tensor) -> Tensor:
@@ -321,7 +327,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q.float(), seq.rope), apply_rope(k.float(), seq.rope)
         dtype = v.dtype  # bf16 under autocast, fp32 otherwise
         v = v.reshape(n, cfg.num_heads_kv, cfg.head_dim)
-        out = varlen_attention(q.to(dtype), k.to(dtype), v, seq.cu_seqlens, seq.max_seqlen, cfg.attn_backend)
+        out = seq.attend(q.to(dtype), k.to(dtype), v, cfg.attn_backend)
         if gate:  # per-head sigmoid gate on the attention output, before linear_proj
             out = out * torch.sigmoid(gate[0].float()).to(out.dtype)[..., None]
         return self.linear_proj(out.reshape(n, -1), seq)

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
+import math
 import pickle
 import re
 from dataclasses import dataclass
@@ -35,7 +37,8 @@ import torch
 from torch import Tensor
 
 from magi_train.models.checkpoint import DTYPE_POLICIES, load_released, released_dtype
-from magi_train.models.dit import DiT, DiTConfig
+from magi_train.models.dit import DiT, DiTConfig, rope_bands
+from magi_train.models.shards import fill
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +46,15 @@ log = logging.getLogger(__name__)
 WEIGHTS = ("auto", "ema", "raw")
 # Where a task keeps the DiT: pretrain / SR tasks (`model`), dmd2 (`student`, the network we distil into).
 TASK_PREFIXES = ("model.", "student.")
+# Where FSDP2 runs keep the EMA of those (tasks/ema.py ShardedEMA), beside the raw weights in the same state dict.
+EMA_PREFIXES = {"model.": "ema.", "student.": "student_ema."}
 # Module names that wrappers (activation checkpointing, FSDP, torch.compile, DeepSpeed) insert into keys; the
 # look-behind (start or a dot) lets adjacent parts (`_orig_mod._checkpoint_wrapped_module.`) all match.
 _WRAPPER_PARTS = re.compile(
     r"(?<![^.])(?:_checkpoint_wrapped_module|_fsdp_wrapped_module|_orig_mod|_forward_module)\."
 )
 # DiTConfig fields that change how the model runs, not its weights: never compared, reset when rebuilding.
-RUNTIME_FIELDS = {"activation_checkpointing": False, "compile": False}
+RUNTIME_FIELDS = {"activation_checkpointing": False, "ac_every": 1, "compile": False}
 _RUNTIME_COMPARE_SKIP = (*RUNTIME_FIELDS, "attn_backend")
 _SOURCE_HINT = (
     "expected a released-format DiT directory (model.safetensors.index.json with its shards, or model.safetensors), "
@@ -158,6 +163,11 @@ def _is_released_dir(p: Path) -> bool:
     return any(p.glob("*.safetensors*")) or any(p.glob("*.safetensors.index.json"))
 
 
+def strip_wrapper_parts(key: str) -> str:
+    """A parameter name without the module names that wrappers (checkpointing, FSDP1, compile) insert."""
+    return _WRAPPER_PARTS.sub("", key)
+
+
 def strip_task_prefix(state: dict[str, Tensor], where: str) -> dict[str, Tensor]:
     """LightningModule keys (`model.<dit key>`, maybe with wrapper parts) -> bare DiT keys."""
     state = {_WRAPPER_PARTS.sub("", k): v for k, v in state.items()}
@@ -248,26 +258,94 @@ def _read_deepspeed(path: Path) -> tuple[dict[str, Tensor], dict | None]:
     return strip_task_prefix(state, str(path)), client.get("magi_config")
 
 
-def _read_dcp(path: Path) -> tuple[dict[str, Tensor], dict | None]:
+def dcp_keys(path: Path) -> list[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    with (path / ".metadata").open("rb") as f:
+        _MetadataUnpickler(f).load()  # a safety scan: FileSystemReader unpickles it unrestricted
+    return list(FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
+def _dcp_model_entry(path: Path, keys: list[str]) -> str:
+    """The entry holding the module's weights: `state_dict` (Lightning ModelParallelStrategy) or `model` (FSDP1)."""
+    for entry in ("state_dict", "model"):
+        if any(k.startswith(entry + ".") for k in keys):
+            return entry
+    raise ValueError(
+        f"distributed checkpoint {path} has no 'state_dict' or 'model' entry (not written by Lightning?)"
+    )
+
+
+def dcp_task_prefix(path: Path, weights: str) -> tuple[str, str]:
+    """(flattened key prefix of the DiT weights in a DCP checkpoint, "ema" | "raw") for `weights`."""
+    keys = dcp_keys(path)
+    entry = _dcp_model_entry(path, keys)
+    for prefix in TASK_PREFIXES:
+        if any(k.startswith(f"{entry}.{prefix}") for k in keys):
+            ema = EMA_PREFIXES[prefix]
+            has_ema = any(k.startswith(f"{entry}.{ema}") for k in keys)
+            if weights == "ema" and not has_ema:
+                raise ValueError(f"weights=ema but {path} holds no EMA weights (trained with ema.decay=0?)")
+            use_ema = has_ema and weights != "raw"
+            return f"{entry}.{ema if use_ema else prefix}", "ema" if use_ema else "raw"
+    raise ValueError(f"{path}: no DiT weights under {' or '.join(TASK_PREFIXES)} in its '{entry}' entry")
+
+
+def _read_dcp(path: Path, weights: str = "auto") -> tuple[dict[str, Tensor], dict | None, str]:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    with (path / ".metadata").open("rb") as f:
-        _MetadataUnpickler(f).load()  # a safety scan: FileSystemReader unpickles it unrestricted
+    prefix, which = dcp_task_prefix(path, weights)
+    entry, sub = prefix.split(".", 1)
     loaded: dict[str, Any] = {}
-    # Only the "model" entry: the optimizer states beside it are twice as large and not needed here.
+    # Only the module entry: the optimizer states beside it are twice as large and not needed here.
     _load_state_dict(
         loaded,
         storage_reader=FileSystemReader(path),
-        planner=_EmptyStateDictLoadPlanner(keys={"model"}),
+        planner=_EmptyStateDictLoadPlanner(keys={entry}),
         no_dist=True,
     )
-    if "model" not in loaded:
-        raise ValueError(f"distributed checkpoint {path} has no 'model' entry (not written by Lightning?)")
+    state = {k.removeprefix(sub): v for k, v in loaded[entry].items() if k.startswith(sub)}
     meta_file = path / _DCP_META
     meta = torch.load(meta_file, map_location="cpu", weights_only=True) if meta_file.is_file() else {}
-    return strip_task_prefix(loaded["model"], str(path)), meta.get("magi_config")
+    return {_WRAPPER_PARTS.sub("", k): v for k, v in state.items()}, meta.get("magi_config"), which
+
+
+def stream_dcp(path: str | Path, weights: str = "auto"):
+    """(shapes, fetch, run config, "ema" | "raw") of the DiT in a DCP checkpoint, read a few tensors at a time:
+    `fetch(keys)` loads just those DiT keys (consolidate streams a 15B checkpoint into safetensors this way)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    path = Path(path)
+    prefix, which = dcp_task_prefix(path, weights)
+    metadata = FileSystemReader(path).read_metadata().state_dict_metadata
+    by_key = {_WRAPPER_PARTS.sub("", k.removeprefix(prefix)): k for k in metadata if k.startswith(prefix)}
+    shapes = {k: tuple(metadata[full].size) for k, full in by_key.items()}
+
+    def fetch(keys: list[str]) -> dict[str, Tensor]:
+        loaded: dict[str, Any] = {}
+        wanted = {by_key[k] for k in keys}
+        _load_state_dict(loaded, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys=wanted),
+                         no_dist=True)  # fmt: skip
+        flat = _flatten(loaded)
+        return {k: flat[by_key[k]] for k in keys}
+
+    meta_file = path / _DCP_META
+    meta = torch.load(meta_file, map_location="cpu", weights_only=True) if meta_file.is_file() else {}
+    return shapes, fetch, meta.get("magi_config"), which
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def read_dit_state(
@@ -290,9 +368,12 @@ def read_dit_state(
     if kind == "lightning":
         state, config, which = _read_lightning(path, weights)
         return state, config, which, kind
+    if kind == "dcp":
+        state, config, which = _read_dcp(path, weights)
+        return state, config, which, kind
     if weights == "ema":
-        raise ValueError(f"weights=ema but {path} is a sharded {kind} checkpoint, which holds no EMA weights")
-    state, config = (_read_deepspeed if kind == "deepspeed" else _read_dcp)(path)
+        raise ValueError(f"weights=ema but {path} is a DeepSpeed checkpoint, which holds no EMA weights")
+    state, config = _read_deepspeed(path)
     return state, config, "raw", kind
 
 
@@ -410,7 +491,83 @@ def load_dit(
     return LoadedDiT(model, kind, which, str(path), task, config)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# sharded models (FSDP2): built on the meta device, sharded, materialised, then filled rank by rank
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _init_value(name: str, shape: tuple[int, ...], cfg: DiTConfig, generator: torch.Generator) -> Tensor:
+    """The value DiT.__init__ gives parameter `name` (same distributions; drawn from a per-name stream)."""
+    if name.endswith("rope.bands"):
+        return rope_bands(cfg.head_dim, cfg.rope_temperature).float()
+    if name.startswith("final_linear_") or name.endswith("norm.weight") or "_norm" in name.rsplit(".", 2)[-2]:
+        return torch.zeros(shape)  # zero heads; zero-centred RMSNorm weights
+    if name.startswith("adapter."):  # nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias
+        fan_in = shape[1] if len(shape) == 2 else _ADAPTER_FAN_IN[name.rsplit(".", 2)[-2]](cfg)
+        return (torch.rand(shape, generator=generator) * 2 - 1) / math.sqrt(fan_in)
+    return torch.randn(shape, generator=generator) * shape[1] ** -0.5  # ModalityLinear: N(0, 1/in) per expert
+
+
+_ADAPTER_FAN_IN = {
+    "video_embedder": lambda c: c.video_in_channels,
+    "audio_embedder": lambda c: c.audio_in_channels,
+    "text_embedder": lambda c: c.text_in_channels,
+}
+
+
+@torch.no_grad()
+def init_weights(model: DiT, seed: int) -> DiT:
+    """Initialise a materialised (possibly sharded) DiT as DiT.__init__ does, with every tensor drawn from a stream of
+    its own name and `seed`: the same weights whatever the number of ranks, each rank filling only its shards."""
+    for name, t in model.state_dict(keep_vars=True).items():
+        digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        fill(t, _init_value(name, tuple(t.shape), model.cfg, gen))
+    return model
+
+
+def load_into(model: DiT, source: str | Path, weights: str = "auto", *, what: str = "checkpoint") -> str:
+    """Fill a materialised, possibly sharded DiT from any weight source, strictly; returns "ema" | "raw" |
+    "released". Released safetensors are read as slices and our checkpoints memory-mapped, so each rank reads
+    only the rows of its own shards (no rank holds a whole role)."""
+    kind = check_source(source, what)
+    if kind == "released":
+        if weights == "ema":
+            raise ValueError(
+                f"weights=ema but {what}={source} is released-format (no EMA / raw split): use auto"
+            )
+        try:
+            load_released(model, Path(source))
+        except FileNotFoundError as err:
+            raise ValueError(f"{what}={source}: {err}; {_SOURCE_HINT}") from err
+        except ValueError as err:
+            raise ValueError(f"{what}: {err}") from err
+        return "released"
+    state, config, which, _ = read_dit_state(source, weights)
+    stored = config.get("model") if isinstance(config, dict) else None
+    if isinstance(stored, dict):
+        where = f"{what}={source}"
+        check_same_architecture(model_config_from_dict(dict(stored), where), model.cfg, where)
+    own = model.state_dict(keep_vars=True)
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [k for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{what}={source}: the weights do not fit the model config; missing {missing[:6]} ({len(missing)}), "
+            f"unexpected {unexpected[:6]} ({len(unexpected)}), shapes {shapes[:4]}; select the model it was trained with"
+        )
+    for key, t in own.items():
+        fill(t, state[key])
+    return which
+
+
 __all__ = [
+    "stream_dcp",
+    "dcp_keys",
+    "dcp_task_prefix",
+    "strip_wrapper_parts",
+    "init_weights",
+    "load_into",
     "DTYPE_POLICIES",
     "WEIGHTS",
     "LoadedDiT",

@@ -10,8 +10,8 @@ steps, a skipped one included). The student's EMA and the validation samples of 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,22 @@ from torch import Tensor, nn
 from magi_train.config import DistillConfig, RoleConfig
 from magi_train.data.reader import ClipBatch
 from magi_train.flow import dmd
+from magi_train.flow.dmd_metrics import distill_metrics
 from magi_train.flow.matching import Mode, condition_velocities, drop_text, impose_conditions, sample_modes
-from magi_train.flow.sampling import sample_distilled
+from magi_train.flow.sampling import sample_distilled, sample_unipc
 from magi_train.models.dit import TEXT, DiT, PackedSeq
-from magi_train.tasks.ema import EMA_KEY
+from magi_train.tasks.ema import EMA_KEY, ShardedEMA
 from magi_train.tasks.guard import NonFiniteGuard, check_checkpoint_finite, grad_norm
 from magi_train.tasks.optim import build_optimizer
 from magi_train.tasks.pretrain import load_null_text
+from magi_train.tasks.sharding import (
+    RoleSetup,
+    data_rank,
+    device_mesh,
+    micro_index,
+    prepare_role,
+    stream_seed,
+)
 from magi_train.utils.fileio import atomic_file
 
 # ---------------------------------------------------------------------------------------------------------
@@ -129,13 +138,6 @@ class DiscriminatorHead(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def stream_seed(seed: int, step: int, name: str, rank: int = 0) -> int:
-    """A seed per (run seed, micro-step, stream, rank): noise is reproducible on resume without saved RNG state
-    and differs across ranks; only the step index k uses a rank-independent stream (`dmd.shared_generator`)."""
-    digest = hashlib.blake2b(f"{seed}:{step}:{name}:{rank}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 def _noop() -> None:
     return None
 
@@ -154,9 +156,18 @@ class DMD2Task(L.LightningModule):
         accumulate: int = 1,
         sample_dir: str | None = None,
         max_nonfinite_steps: int = 20,
+        setups: dict[str, RoleSetup] | None = None,
+        sharded_ema: tuple[float, int] | None = None,
     ):
+        """setups: how configure_model makes each role (teacher, critic, student) ready; under strategy=fsdp2 the
+        roles arrive on the meta device and are filled from their sources there. sharded_ema: (decay, start_step)
+        of the student EMA kept on the local shards under fsdp2 (other strategies use the StudentEMA callback)."""
         super().__init__()
         validate_distill(cfg)
+        self.setups = setups or {}
+        self.sharded_ema = sharded_ema
+        self.student_ema: ShardedEMA | None = None
+        self._configured = False
         if accumulate < 1:
             raise ValueError(f"gradient accumulation must be >= 1, got {accumulate}")
         self.automatic_optimization = False
@@ -190,6 +201,36 @@ class DMD2Task(L.LightningModule):
             for role in ("student", "critic")
         }
 
+    def configure_model(self) -> None:
+        if self._configured:
+            return
+        self._configured = True
+        mesh = device_mesh(self)
+        for role in ("teacher", "critic", "student"):  # each its own FSDP2 tree on the same mesh
+            setup = self.setups.get(role, RoleSetup())
+            prepare_role(getattr(self, role), setup, mesh, self.device, stream_seed(self.seed, 0, role))
+        self.teacher.requires_grad_(False).eval()
+        if mesh is None:
+            return
+        if self.disc is not None:
+            from magi_train.models.parallelize import apply_fsdp_module
+
+            apply_fsdp_module(self.disc, mesh)  # its gradients are reduced like the critic's
+        if not self.cfg.save_teacher:
+            self.checkpoint_skips = (
+                "teacher.",
+            )  # resumed checkpoints hold no teacher: it comes from its source
+        if self.sharded_ema is not None:
+            self.student_ema = ShardedEMA(*self.sharded_ema).attach(self.student)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.student_ema is not None and not self.trainer.sanity_checking:
+            self.student_ema.swap()  # validation samples with the EMA student
+
+    def on_validation_epoch_end(self) -> None:
+        if self.student_ema is not None and not self.trainer.sanity_checking:
+            self.student_ema.swap()
+
     def train(self, mode: bool = True) -> DMD2Task:
         super().train(mode)
         self.teacher.eval()  # the real score stays frozen in eval mode
@@ -197,11 +238,13 @@ class DMD2Task(L.LightningModule):
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
-    def _generator(self, step: int, name: str, device: torch.device | str | None = None) -> torch.Generator:
+    def _generator(
+        self, step: int, name: str, device: torch.device | str | None = None, index: int | None = None
+    ) -> torch.Generator:
+        """The stream `name` of (iteration or validation batch `step`, data index `index`; default this rank's)."""
         device = self.device if device is None else device
-        return torch.Generator(device=device).manual_seed(
-            stream_seed(self.seed, step, name, self.global_rank)
-        )
+        index = data_rank(self) if index is None else index
+        return torch.Generator(device=device).manual_seed(stream_seed(self.seed, step, name, index))
 
     def conditioning(self, batch: ClipBatch, generator: torch.Generator) -> tuple[DiTCondition, DiTCondition]:
         """(cond, uncond) of a batch: modes drawn per clip; uncond = negative-prompt features, same image/audio."""
@@ -307,15 +350,18 @@ class DMD2Task(L.LightningModule):
         it, micro = self.global_step, self._micro
         last = micro == acc - 1
         self._micro = 0 if last else micro + 1
-        step = it * acc + micro  # global micro-step: seeds every random draw of this micro-batch
+        # every random draw of this micro-batch comes from streams of (iteration, data index): the same whether the
+        # micro-batches of an iteration are spread over ranks or accumulated (cp ranks share their index)
+        index = micro_index(self, micro, acc)
         opt_s, opt_c = self.optimizers()
         sched_s, sched_c = self.lr_schedulers()
-        noise_gen = self._generator(step, "train")
-        cond, uncond = self.conditioning(batch, self._generator(step, "modes", "cpu"))
+        noise_gen = self._generator(it, "train", index=index)
+        cond, uncond = self.conditioning(batch, self._generator(it, "modes", "cpu", index=index))
         real = [[v.float() for v in batch.video], [a.float() for a in batch.audio]]
 
-        # backward simulation: k is the same on every rank (FSDP ranks must run the same number of forwards)
-        k = dmd.sample_step_index(c.num_student_steps, dmd.shared_generator(self.seed, step))
+        # backward simulation: one k per iteration, the same on every rank and micro-batch (FSDP ranks must run the
+        # same number of forwards)
+        k = dmd.sample_step_index(c.num_student_steps, dmd.shared_generator(self.seed, it))
         x_k = dmd.simulate_to_step(
             self.student_score, dmd.randn_like_batch(real, noise_gen), k, self.student_sigmas, cond, noise_gen
         )
@@ -324,17 +370,20 @@ class DMD2Task(L.LightningModule):
             opt_c.zero_grad(set_to_none=True)
 
         if it % c.generator_every == 0:
-            self.toggle_optimizer(opt_s)  # only student parameters take gradients in this phase
-            loss, x_g, logs = self.generator_objective(x_k, k, cond, uncond, noise_gen)
-            self.guards["student"].observe(loss)
-            self.manual_backward(loss / acc)
-            self.untoggle_optimizer(opt_s)
+            with self._critic_gradients_kept(opt_c):  # only student parameters take gradients in this phase
+                loss, x_g, logs = self.generator_objective(x_k, k, cond, uncond, noise_gen)
+                self.guards["student"].observe(loss)
+                self.manual_backward(loss / acc)
             self._gen_logs = logs
             if last:
                 self._gen_logs["grad_norm_student"], stepped = self._step(
                     opt_s, sched_s, c.student.optim.grad_clip, "student"
                 )
                 self.generator_stepped = stepped  # the EMA follows updates taken only
+                if (
+                    self.student_ema is not None and stepped
+                ):  # StudentEMA's schedule (it counts iteration it + 1)
+                    self.student_ema.update(copy=it + 1 <= self.sharded_ema[1])
         else:
             with torch.no_grad():
                 x_g = dmd.student_x0(self.student_score, x_k, self.student_sigmas[k], cond)
@@ -356,6 +405,25 @@ class DMD2Task(L.LightningModule):
         self.log("train/lr_student", opt_s.param_groups[0]["lr"], batch_size=n)
         self.log("train/lr_critic", opt_c.param_groups[0]["lr"], batch_size=n)
         self.log("train/clips", float(n), batch_size=n)
+
+    @contextlib.contextmanager
+    def _critic_gradients_kept(self, opt_c):
+        """The generator phase leaves the critic's gradients as they were. Teacher and fake score run without grad;
+        only the GAN generator term backpropagates through the critic, and what that writes into its gradients is
+        discarded. (Lightning's toggle_optimizer, which flips requires_grad, is not used: FSDP2 gathers parameters
+        with the requires_grad they had at its first all-gather, and the critic then loses gradients.)"""
+        if not self.cfg.gan:
+            yield
+            return
+        params = [p for g in opt_c.param_groups for p in g["params"]]
+        kept = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            yield
+        finally:
+            for p, g in zip(params, kept, strict=True):
+                p.grad = g
 
     def _step(self, opt, sched, clip: float, role: str) -> tuple[Tensor, bool]:
         """Clip, step, zero and schedule one role, unless its loss or gradient norm is not finite (then skipped and
@@ -429,8 +497,49 @@ class DMD2Task(L.LightningModule):
             }
             for key, value in stats.items():
                 self.log(f"val/{key}", value, batch_size=n, sync_dist=True)
+        # distance to the guided teacher's own samples (same noise) and audio-video coupling (flow/dmd_metrics.py)
+        teacher = self.teacher_samples(batch_idx, batch, noise, cond, uncond)
+        judge = lambda xt, s: dmd.teacher_x0(self.teacher_score, xt, s, cond, uncond, c.guidance)  # noqa: E731
+        for key, value in distill_metrics(x_g, teacher, judge, c.sample_sigma, gen).items():
+            self.log(f"val/{key}", value, batch_size=n, sync_dist=True)
         if batch_idx == 0 and self.sample_dir is not None and self.trainer.is_global_zero:
             self.save_samples(batch, x_g, x0_real, x0_fake)
+
+    @torch.no_grad()
+    def teacher_samples(
+        self, batch_idx: int, batch: ClipBatch, noise: dmd.Batch, cond: DiTCondition, uncond: DiTCondition
+    ) -> dmd.Batch:
+        """The teacher's own samples of a validation batch (released base sampler: 32 UniPC steps, shift 5, the
+        distillation's CFG) from the student's noise; computed once per validation batch (the teacher is frozen and
+        the validation noise fixed) and cached in memory."""
+        key = (
+            batch_idx,
+            tuple(tuple(v.shape) for v in batch.video),
+            float(sum(t.float().sum() for t in batch.text)),
+        )
+        cache = self.__dict__.setdefault("_teacher_val_cache", {})
+        if key not in cache:
+            dtype = self.teacher_score.autocast_dtype
+
+            def denoiser(video, audio, text):
+                bf16 = dtype is not None
+                with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=bf16):
+                    v, a = self.teacher(video, audio, text)
+                return [x.float() for x in v], [x.float() for x in a]
+
+            video, audio = sample_unipc(
+                denoiser,
+                noise[0],
+                noise[1],
+                cond.text,
+                uncond.text,
+                num_steps=32,
+                guidance=self.cfg.guidance,
+                first_frames=cond.first_frames,
+                clean_audio=cond.clean_audio,
+            )
+            cache[key] = [list(video), list(audio)]
+        return cache[key]
 
     def save_samples(self, batch: ClipBatch, x_g: dmd.Batch, x0_real: dmd.Batch, x0_fake: dmd.Batch) -> None:
         """Latents (safetensors) and a panel image [student sample | teacher x0 | critic x0] of a few clips."""
@@ -472,6 +581,11 @@ class DMD2Task(L.LightningModule):
         checkpoint["nonfinite_guard"] = {role: guard.state_dict() for role, guard in self.guards.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" not in checkpoint:  # fsdp2: the strategy loaded the sharded weights itself, strictly
+            self._micro = 0
+            for role, state in checkpoint.get("nonfinite_guard", {}).items():
+                self.guards[role].load_state_dict(state)
+            return
         if "current_model_state" in checkpoint:  # StudentEMA layout: state_dict holds the EMA student
             ema = checkpoint["state_dict"]
             checkpoint[EMA_KEY] = {

@@ -92,3 +92,72 @@ class StudentEMA(Callback):
         ema = checkpoint.get(EMA_KEY)  # put there by DMD2Task.on_load_checkpoint
         if ema is not None:
             self.shadow = {k: v.detach().clone().float() for k, v in ema.items()}
+
+
+class ShardedEMA(torch.nn.Module):
+    """EMA of a module's parameters, held as this module's buffers under the same names (wrapper parts removed)
+    and, under FSDP2, as the same DTensor shards: each rank averages only its own shards, and the average travels in
+    the task's state dict (so in DCP checkpoints, sharded, and back exactly on resume).
+
+    The caller decides when to update: pretraining as Lightning's EMAWeightAveraging (`update_as_lightning`), the
+    DMD-2 student after each generator update (StudentEMA's schedule).
+    """
+
+    def __init__(self, decay: float, start_step: int = 0):
+        super().__init__()
+        if not 0 < decay < 1:
+            raise ValueError(f"EMA decay {decay}: use a value in (0, 1)")
+        self.decay, self.start_step = decay, start_step
+        self._pairs: list[tuple[Tensor, Tensor]] = []
+        self._fsdp: list[torch.nn.Module] = []  # a plain list: not registered as submodules
+
+    def attach(self, source: torch.nn.Module) -> ShardedEMA:
+        """Create the averages as fp32 copies of `source`'s parameters (call once the parameters are final)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        from magi_train.models.weights import strip_wrapper_parts
+
+        self._fsdp = [m for m in source.modules() if isinstance(m, FSDPModule)]
+        persistent = [(n, b) for n, b in source.named_buffers() if _is_persistent(source, n)]
+        for name, param in [*source.named_parameters(), *persistent]:  # buffers (RoPE bands) are copied along
+            owner = self
+            *path, leaf = strip_wrapper_parts(name).split(".")
+            for part in path:
+                if not hasattr(owner, part):
+                    owner.add_module(part, torch.nn.Module())
+                owner = getattr(owner, part)
+            shadow = param.detach().to(torch.float32, copy=True)
+            owner.register_buffer(leaf, shadow)
+            self._pairs.append((param, shadow))
+        return self
+
+    @torch.no_grad()
+    def update(self, copy: bool = False) -> None:
+        """After an optimizer step: ema <- decay * ema + (1 - decay) * weight, or a plain copy of the weights."""
+        for param, shadow in self._pairs:
+            if copy:
+                shadow.copy_(param.detach())
+            else:
+                shadow.lerp_(param.detach().to(shadow.dtype), 1 - self.decay)
+
+    def update_as_lightning(self, global_step: int) -> None:
+        """Lightning's EMAWeightAveraging schedule: no update while global_step - 1 < start_step, a copy at the first
+        update (torch AveragedModel), then the average; so the two give the same weights step for step."""
+        if global_step - 1 >= self.start_step:
+            self.update(copy=global_step - 1 == self.start_step)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the live weights and the averages (twice restores): validation runs on the EMA weights."""
+        for module in self._fsdp:  # FSDP2 may still hold gathered copies (e.g. the root after a forward)
+            module.reshard()
+        for param, shadow in self._pairs:
+            tmp = param.detach().clone()
+            param.detach().copy_(shadow)
+            shadow.copy_(tmp)
+
+
+def _is_persistent(root: torch.nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    module = root.get_submodule(owner) if owner else root
+    return leaf not in module._non_persistent_buffers_set

@@ -31,11 +31,33 @@ class NonFiniteTrainingError(RuntimeError):
 
 
 def grad_norm(params: Iterable[Tensor]) -> Tensor:
-    """Global L2 norm (fp32) of the gradients of `params`; 0 when none has one. Local to the rank if sharded."""
-    norms = [
-        torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in params if p.grad is not None
-    ]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    """Global L2 norm (fp32) of the gradients of `params`; 0 when none has one.
+
+    FSDP2 gradients are DTensor shards: their squared sums are added over the ranks that shard them (one
+    all-reduce per mesh), so every rank gets the norm of the whole gradient."""
+    from torch.distributed.tensor import DTensor
+
+    plain: list[Tensor] = []
+    sharded: dict[object, list[Tensor]] = {}
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if isinstance(g, DTensor):
+            sharded.setdefault(g.device_mesh, []).append(g)
+        else:
+            plain.append(torch.linalg.vector_norm(g.detach(), dtype=torch.float32))
+    total = torch.stack(plain).pow(2).sum() if plain else torch.zeros(())
+    for mesh, grads in sharded.items():
+        local = torch.stack(
+            [torch.linalg.vector_norm(g.to_local().detach(), dtype=torch.float32) for g in grads]
+        )
+        sq = local.pow(2).sum()
+        for dim, placement in enumerate(grads[0].placements):
+            if placement.is_shard():
+                torch.distributed.all_reduce(sq, group=mesh.get_group(dim))
+        total = total.to(sq.device) + sq
+    return total.sqrt()
 
 
 class NonFiniteGuard:

@@ -25,8 +25,10 @@ from magi_train.flow import (
     velocity_target,
 )
 from magi_train.models.dit import DiT
+from magi_train.tasks.ema import ShardedEMA
 from magi_train.tasks.guard import NonFiniteGuard, check_checkpoint_finite, grad_norm
 from magi_train.tasks.optim import build_optimizer
+from magi_train.tasks.sharding import RoleSetup, device_mesh, micro_index, prepare_role, stream_seed
 
 
 def load_null_text(spec: str, text_dim: int) -> Tensor:
@@ -58,14 +60,36 @@ class PretrainTask(L.LightningModule):
         text_dim: int,
         seed: int = 0,
         max_nonfinite_steps: int = 20,
+        setup: RoleSetup | None = None,
+        sharded_ema: tuple[float, int] | None = None,
     ):
+        """model: with its weights, or on the meta device under strategy=fsdp2 (filled from setup.source in
+        configure_model). setup: how configure_model parallelises it. sharded_ema: (decay, start_step) of the EMA
+        kept on the local shards under fsdp2 (other strategies use Lightning's EMA callback)."""
         super().__init__()
-        self.model = model  # already initialised and parallelize()d by the caller
+        self.model = model
+        self.setup_cfg = setup or RoleSetup()
+        self.sharded_ema = sharded_ema
+        self.ema: ShardedEMA | None = None
+        self._configured = False
         self.flow_cfg, self.optim_cfg = flow_cfg, optim_cfg
         self.max_steps, self.seed = max_steps, seed
         self.guard = NonFiniteGuard(max_nonfinite_steps)
         self._hold_schedule = False  # the current step was skipped: lr_scheduler_step leaves the schedule
         self.register_buffer("null_text", load_null_text(flow_cfg.null_text, text_dim), persistent=False)
+
+    def configure_model(self) -> None:
+        if self._configured:
+            return
+        self._configured = True
+        mesh = device_mesh(self)
+        prepare_role(self.model, self.setup_cfg, mesh, self.device, self.seed)
+        if self.sharded_ema is not None:
+            if mesh is None:
+                raise ValueError(
+                    "the sharded EMA is for strategy=fsdp2; other strategies use the EMA callback"
+                )
+            self.ema = ShardedEMA(*self.sharded_ema).attach(self.model)
 
     # -- the objective -----------------------------------------------------------------------------------
 
@@ -98,7 +122,12 @@ class PretrainTask(L.LightningModule):
         return out
 
     def training_step(self, batch: ClipBatch, batch_idx: int) -> Tensor:
-        out = self.flow_loss(batch)
+        # noise, levels, modes and text dropout from a stream of this micro-batch's data index: independent of the
+        # layout (ranks x accumulation), different on every rank, and exact on resume
+        acc = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        index = micro_index(self, batch_idx % acc, acc)
+        gen = torch.Generator().manual_seed(stream_seed(self.seed, self.global_step, "train", index))
+        out = self.flow_loss(batch, generator=gen)
         self.guard.observe(out["loss"])
         n = len(batch)
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
@@ -107,6 +136,21 @@ class PretrainTask(L.LightningModule):
         self.log("train/clips", float(n), batch_size=n)
         self.log("train/tokens", float(batch.num_tokens), batch_size=n)
         return out["loss"]
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if (
+            self.ema is not None
+        ):  # here, not in on_train_batch_end: ModelCheckpoint saves before that hook runs
+            self.ema.update_as_lightning(self.global_step + 1)  # global_step counts this step only after it
+
+    def on_validation_epoch_start(self) -> None:
+        if self.ema is not None and not self.trainer.sanity_checking:
+            self.ema.swap()  # validate the EMA weights, as Lightning's EMA callback does
+
+    def on_validation_epoch_end(self) -> None:
+        if self.ema is not None and not self.trainer.sanity_checking:
+            self.ema.swap()
 
     def validation_step(self, batch: ClipBatch, batch_idx: int) -> None:
         # Fixed noise per validation batch so that curves across checkpoints and runs are comparable.

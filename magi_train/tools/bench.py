@@ -32,7 +32,7 @@ from torch import Tensor
 
 import magi_train.models.dit as dit_module
 from magi_train.models.dit import MODEL_CONFIGS, PATCH, DiT, DiTConfig
-from magi_train.models.parallelize import parallelize
+from magi_train.models.parallelize import ParallelConfig, parallelize
 
 # Peak dense bf16 tensor-core FLOP/s by device name (NVIDIA datasheets: H100 SXM5 / H200 SXM 989.4 TFLOP/s
 # without sparsity, A100 SXM 312 TFLOP/s).
@@ -245,7 +245,10 @@ def build_model(args: argparse.Namespace, device: torch.device) -> DiT:
     for p in model.parameters():  # the release's zero-init heads would give zero gradients everywhere
         if p.ndim >= 2 and not p.abs().sum():
             torch.nn.init.normal_(p, std=p.shape[1] ** -0.5)
-    return parallelize(model, cfg.activation_checkpointing, cfg.compile)
+    plan = ParallelConfig(
+        activation_checkpointing=cfg.activation_checkpointing, ac_every=cfg.ac_every, compile=cfg.compile
+    )
+    return parallelize(model, None, plan)
 
 
 def mixed_clips(base: ClipShape, count: int) -> list[ClipShape]:

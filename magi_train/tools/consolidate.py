@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from magi_train.models.checkpoint import DTYPE_POLICIES, export_released
+from magi_train.models.checkpoint import DTYPE_POLICIES, export_released, export_tensors
 from magi_train.models.dit import MODEL_CONFIGS, DiT, DiTConfig
 from magi_train.models.weights import (
     WEIGHTS,
@@ -24,6 +24,8 @@ from magi_train.models.weights import (
     load_state_strict,
     model_config_from_dict,
     read_dit_state,
+    source_kind,
+    stream_dcp,
 )
 
 
@@ -51,7 +53,12 @@ def consolidate(
     model: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the DiT of a training checkpoint as a released-format directory; returns out_dir."""
+    """Write the DiT of a training checkpoint as a released-format directory; returns out_dir. A sharded (DCP)
+    checkpoint is streamed: only one output shard's tensors are in memory at a time."""
+    if source_kind(path) == "dcp":
+        shapes, fetch, config, _ = stream_dcp(path, weights)
+        cfg = model_config(config, model, str(path))
+        return export_tensors(cfg, shapes, fetch, out_dir, dtype_policy, overwrite=overwrite)
     state, config, _, _ = read_dit_state(path, weights)
     cfg = model_config(config, model, str(path))
     with torch.device("meta"):

@@ -1,34 +1,53 @@
-"""Per-GPU memory of DMD-2 model state (teacher + critic + student) under ZeRO-3 / FSDP full sharding.
+"""A memory planner that tells the truth before anything is allocated: per-GPU model state plus activations of a
+training recipe, for a model, clip size, strategy, context parallelism and GPU count.
 
-    python -m magi_train.tools.plan [--model magihuman_15b] [--gpus 8 32 64] [--gpu-gib 79.65]
+    python -m magi_train.tools.plan [--recipe dmd2_distill] [--model magihuman_15b] [--gpus 8 16 32 64]
+                                    [--clip 448x256x5] [--strategy fsdp2] [--cp 1] [--ac]
 
-Parameter counts come from the model config (the DiT built on the meta device). Counted, per parameter and
-divided evenly over the GPUs (full sharding of every role):
+Model state, per parameter (counts from the model config, the DiT built on the meta device):
 
-- teacher (frozen): its weights only, stored as DMD2Task stores it: with dtype bf16 the block linears in
-  bf16 (2 B) and norms, adapter and heads in fp32 (4 B), the released base policy; with fp32 all 4 B;
-- critic and student (trainable, mixed precision as in DeepSpeed ZeRO-3 bf16): bf16 working weights 2 B
-  + fp32 master weights 4 B + fp32 gradients 4 B + AdamW exp_avg and exp_avg_sq 8 B = 18 B;
-- student EMA: an fp32 copy, 4 B, sharded (or 0 with distill.ema.on_cpu=true).
+- trainable roles (the pretrained DiT; the DMD-2 critic and student): fp32 master weights 4 B + fp32 gradients 4 B
+  + AdamW exp_avg and exp_avg_sq 8 B = 16 B; bf16 compute copies exist only for the layer being gathered (FSDP2
+  MixedPrecisionPolicy) or are made by autocast per op (DDP), both counted in `transient`;
+- the frozen DMD-2 teacher: its weights only, bf16 block linears (2 B) and fp32 norms, adapter, heads (4 B) with
+  `distill.teacher.dtype=bf16` (the released base policy), else 4 B;
+- EMA (pretraining `ema.decay`, the DMD-2 student's `distill.ema.decay`): an fp32 copy, 4 B.
 
-NOT counted: activations (they depend on clip size, packing and activation checkpointing), the transient
-unsharded layer that FSDP / ZeRO-3 all-gathers for each forward and backward (printed separately), the
-optional GAN head (about 2 h^2 parameters), communication buckets, the CUDA context and fragmentation.
+Under fsdp2 all of it is divided by the GPUs that shard it (dp_shard x cp = all GPUs, dp_replicate 1); under ddp
+every GPU holds all of it. `transient`: the layers FSDP2 holds unsharded at once (the current one and the
+prefetched next, bf16 weights, plus the fp32 gradients of one before its reduce-scatter).
+
+Activations: the tensors autograd saves for backward, per token and layer, measured on the tiny model under bf16
+autocast (`measure_activation_bytes`, with and without activation checkpointing) as bytes per token per hidden
+unit, and scaled by hidden size x layers x the tokens of this GPU (its micro-batch / cp). DMD-2 trains one role at
+a time (the student's backward ends before the critic's forward), so it counts one role's activations.
+
+NOT counted: the CUDA context and allocator fragmentation (the `margin`), communication buffers, attention
+workspaces (flash attention needs O(tokens) extra), the optional GAN head (about 2 h^2 parameters).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import math
+from dataclasses import dataclass, field
 
 import torch
 
 from magi_train.models.checkpoint import released_dtype
-from magi_train.models.dit import DiT, DiTConfig
+from magi_train.models.dit import PATCH, DiT, DiTConfig
 
 GIB = 2**30
 H100_GIB = 81559 / 1024  # H100 80GB: nvidia-smi reports 81,559 MiB of memory (79.65 GiB)
-# bytes per trainable parameter: bf16 weights, fp32 master, fp32 grads, AdamW (2 fp32 moments)
-TRAINABLE_BYTES = {"bf16_weights": 2, "fp32_master": 4, "fp32_grads": 4, "adamw_states": 8}
+TRAINABLE_BYTES = {"fp32_master": 4, "fp32_grads": 4, "adamw_states": 8}
+RECIPES = ("pretrain_base", "pretrain_sr", "dmd2_distill")
+# Saved activations under bf16 autocast, measured with `python -m magi_train.tools.plan --measure` (tiny's structure
+# at widths 128 and 256, 4 and 8 layers, 1,792 tokens; torch 2.13 CPU; docs/scale.md): bytes per token per hidden
+# unit per layer (the difference of 8 and 4 layers), and outside the layers bytes per token = per-hidden x h + fixed
+# (the fp32 input features; text tokens have 3,584 channels).
+ACT_LAYER = {False: 115.0, True: 4.0}  # with checkpointing a layer keeps only its fp32 input (4 B per unit)
+ACT_OUTSIDE_PER_HIDDEN = 8.6
+ACT_OUTSIDE_FIXED = 5500.0
 
 
 @dataclass
@@ -64,60 +83,224 @@ def teacher_bytes(params: RoleParameters, dtype: str = "bf16") -> int:
 
 
 def trainable_bytes(params: RoleParameters) -> int:
-    """Bytes of one trainable role's weights, master copy, gradients and AdamW states (before sharding)."""
+    """Bytes of one trainable role's master weights, gradients and AdamW states (before sharding)."""
     return sum(TRAINABLE_BYTES.values()) * params.total
 
 
+# ---------------------------------------------------------------------------------------------------------
+# clip sizes and activations
+# ---------------------------------------------------------------------------------------------------------
+
+
+def clip_tokens(width: int, height: int, seconds: float, text_tokens: int = 640) -> int:
+    """DiT sequence length of one clip at the released sampler's sizes (spec §4.2): latent H/16, W/16 rounded to
+    even, T = (frames - 1) // 4 + 1 latent frames at 25 fps, one audio latent per frame, text up to 640 tokens."""
+    lat_h, lat_w = height // 16 // 2 * 2, width // 16 // 2 * 2
+    frames = int(round(seconds * 25)) + 1
+    t = (frames - 1) // 4 + 1
+    return t * (lat_h // PATCH[1]) * (lat_w // PATCH[2]) + frames + text_tokens
+
+
+def parse_clip(spec: str) -> tuple[int, int, float]:
+    """'448x256x5' -> (448, 256, 5.0): width x height x seconds."""
+    try:
+        w, h, s = spec.lower().split("x")
+        return int(w), int(h), float(s)
+    except ValueError:
+        raise ValueError(f"clip {spec!r}: give WIDTHxHEIGHTxSECONDS, e.g. 448x256x5") from None
+
+
+def measure_activation_bytes(cfg: DiTConfig, tokens: int, activation_checkpointing: bool) -> int:
+    """Bytes autograd saves for backward in one training forward of `cfg` over ~`tokens` tokens (one clip), under
+    bf16 autocast on CPU: every saved tensor counted once by storage; parameters, and autocast's bf16 copies of
+    them (FSDP2 frees its gathered bf16 weights after each layer), are not activations."""
+    from magi_train.models.parallelize import ParallelConfig, parallelize
+
+    torch.manual_seed(0)
+    model = parallelize(DiT(cfg), None, ParallelConfig(activation_checkpointing=activation_checkpointing))
+    side = max(
+        2, int(math.sqrt(max(tokens - 64, 16) / 2)) // 2 * 2
+    )  # video latent 2 x side x side -> ~tokens
+    video = torch.randn(cfg.video_in_channels // 4, 2, side, side)
+    n_video = 2 * (side // 2) ** 2
+    audio = torch.randn(max(1, (tokens - n_video) // 2), cfg.audio_in_channels)
+    text = torch.randn(max(1, tokens - n_video - audio.shape[0]), cfg.text_in_channels)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shapes = {tuple(p.shape) for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        weight_copy = t.dtype == torch.bfloat16 and tuple(t.shape) in shapes
+        if ptr not in params and not weight_copy:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+        out_v, out_a = model([video], [audio], [text])
+    n = n_video + audio.shape[0] + text.shape[0]
+    del out_v, out_a
+    assert abs(n - tokens) <= max(64, tokens // 4), (n, tokens)
+    return sum(seen.values()) * tokens // n  # rescaled to exactly `tokens`
+
+
+def activation_bytes(
+    cfg: DiTConfig, tokens: int, activation_checkpointing: bool, recompute: bool = True
+) -> float:
+    """The planner's estimate of the activations of one training forward over `tokens` tokens; with checkpointing
+    and `recompute`, plus the one layer that its backward recomputes in full."""
+    h = cfg.hidden_size
+    per_token = cfg.num_layers * ACT_LAYER[activation_checkpointing] * h + ACT_OUTSIDE_PER_HIDDEN * h
+    per_token += ACT_OUTSIDE_FIXED
+    if activation_checkpointing and recompute:
+        per_token += ACT_LAYER[False] * h
+    return per_token * tokens
+
+
+def measure_constants(tokens: int = 1792) -> dict[str, float]:
+    """Re-measure the constants above (printed by `tools/plan --measure`)."""
+    out = {}
+    outside = {}
+    for ac in (False, True):
+        for h in (128, 256):
+            m4 = measure_activation_bytes(tiny_like(h, 4), tokens, ac)
+            m8 = measure_activation_bytes(tiny_like(h, 8), tokens, ac)
+            out[f"layer ac={ac} h={h}"] = (m8 - m4) / (4 * tokens * h)
+            outside[(ac, h)] = m4 / tokens - 4 * out[f"layer ac={ac} h={h}"] * h
+        per_h = (outside[(ac, 256)] - outside[(ac, 128)]) / 128
+        out[f"outside per hidden ac={ac}"] = per_h
+        out[f"outside fixed ac={ac}"] = outside[(ac, 128)] - per_h * 128
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------------------------------------
+
+
 @dataclass
-class MemoryRow:
-    """Per-GPU GiB of each part at one data-parallel size."""
+class PlanRow:
+    """Per-GPU GiB of each part at one GPU count."""
 
     gpus: int
+    trainable: float  # master weights, gradients, optimizer states of the trained role(s)
     teacher: float
-    critic: float
-    student: float
     ema: float
-    gather: float  # transient: one unsharded layer in bf16, two in flight with prefetch
+    transient: float
+    activations: float
 
     @property
     def total(self) -> float:
-        return self.teacher + self.critic + self.student + self.ema
+        return self.trainable + self.teacher + self.ema + self.transient + self.activations
 
 
-def memory_table(
-    params: RoleParameters,
-    gpus: tuple[int, ...] = (8, 32, 64),
-    teacher_dtype: str = "bf16",
-    ema_on_gpu: bool = True,
-) -> list[MemoryRow]:
-    """One row per GPU count: every role fully sharded over all GPUs (ZeRO-3 / FSDP FULL_SHARD)."""
+@dataclass
+class PlanSpec:
+    recipe: str = "dmd2_distill"
+    strategy: str = "fsdp2"  # fsdp2 | ddp
+    cp: int = 1
+    tokens: int = 0  # per micro-batch (data.max_tokens), before the cp split
+    activation_checkpointing: bool = False
+    teacher_dtype: str = "bf16"
+    ema: bool = True
+    gpus: tuple[int, ...] = field(default=(8, 16, 32, 64))
+
+
+def plan(cfg: DiTConfig, spec: PlanSpec) -> list[PlanRow]:
+    """One PlanRow per GPU count of `spec.gpus`."""
+    if spec.recipe not in RECIPES:
+        raise ValueError(f"recipe {spec.recipe!r}: plan one of {RECIPES}")
+    if spec.strategy not in ("fsdp2", "ddp"):
+        raise ValueError(f"strategy {spec.strategy!r}: plan fsdp2 or ddp")
+    if spec.strategy == "ddp" and spec.cp != 1:
+        raise ValueError("context parallelism (cp > 1) needs strategy fsdp2")
+    params = role_parameters(cfg)
+    roles = 2 if spec.recipe == "dmd2_distill" else 1
+    act = activation_bytes(cfg, math.ceil(spec.tokens / spec.cp), spec.activation_checkpointing)
     rows = []
-    for n in gpus:
-        if n < 1:
-            raise ValueError(f"GPU count must be >= 1, got {n}")
+    for n in spec.gpus:
+        if n < 1 or n % spec.cp:
+            raise ValueError(f"{n} GPUs cannot hold cp={spec.cp} groups")
+        shards = n if spec.strategy == "fsdp2" else 1
+        transient = (
+            (2 * 2 + 4) * params.largest_layer if spec.strategy == "fsdp2" else 2 * params.largest_layer
+        )
         rows.append(
-            MemoryRow(
+            PlanRow(
                 gpus=n,
-                teacher=teacher_bytes(params, teacher_dtype) / n / GIB,
-                critic=trainable_bytes(params) / n / GIB,
-                student=trainable_bytes(params) / n / GIB,
-                ema=(4 * params.total / n / GIB) if ema_on_gpu else 0.0,
-                gather=2 * 2 * params.largest_layer / GIB,
+                trainable=roles * trainable_bytes(params) / shards / GIB,
+                teacher=(teacher_bytes(params, spec.teacher_dtype) / shards / GIB) if roles == 2 else 0.0,
+                ema=(4 * params.total / shards / GIB) if spec.ema else 0.0,
+                transient=transient / GIB,
+                activations=act / GIB,
             )
         )
     return rows
 
 
-def format_table(rows: list[MemoryRow], gpu_gib: float = H100_GIB) -> str:
-    """A markdown table of per-GPU GiB and what is left of `gpu_gib` for activations."""
+def format_plan(rows: list[PlanRow], gpu_gib: float = H100_GIB) -> str:
+    """A markdown table of per-GPU GiB and what is left of `gpu_gib`."""
     lines = [
-        "| GPUs | teacher | critic | student | student EMA | total state | left of "
-        f"{gpu_gib:.2f} GiB | + all-gather (transient) |",
+        f"| GPUs | trained roles | teacher | EMA | transient | activations | total | left of {gpu_gib:.2f} GiB |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.gpus} | {r.teacher:.2f} | {r.critic:.2f} | {r.student:.2f} | {r.ema:.2f} | {r.total:.2f} "
-            f"| {gpu_gib - r.total:.2f} | {r.gather:.2f} |"
+            f"| {r.gpus} | {r.trainable:.2f} | {r.teacher:.2f} | {r.ema:.2f} | {r.transient:.2f} | "
+            f"{r.activations:.2f} | {r.total:.2f} | {gpu_gib - r.total:.2f} |"
         )
     return "\n".join(lines)
+
+
+def check_plan(row: PlanRow, device_gib: float, spec: PlanSpec, margin_gib: float = 4.0) -> None:
+    """Stop before training when the plan does not fit one device, saying what to change."""
+    need = row.total + margin_gib
+    if need <= device_gib:
+        return
+    hints = []
+    if spec.strategy != "fsdp2":
+        hints.append("strategy=fsdp2 (shards every role over the GPUs)")
+    elif row.trainable + row.teacher + row.ema > device_gib / 2:
+        hints.append("more GPUs (trainer.num_nodes / trainer.devices)")
+    if not spec.activation_checkpointing and row.activations > 1:
+        hints.append("model.activation_checkpointing=true (and distill.<role>.activation_checkpointing=true)")
+    if row.activations > 1:
+        hints.append("strategy.cp=<2, 4, 8> (splits each sequence over GPUs) or a smaller data.max_tokens")
+    raise ValueError(
+        f"the memory plan needs {need:.1f} GiB per GPU (model state {row.total - row.activations:.1f}, "
+        f"activations {row.activations:.1f}, margin {margin_gib:.0f}) but the device has {device_gib:.1f} GiB: "
+        f"use {'; or '.join(hints) or 'a bigger device'} (python -m magi_train.tools.plan shows the table)"
+    )
+
+
+def tiny_like(hidden: int, layers: int = 4) -> DiTConfig:
+    """`tiny`'s structure at another width (for checking the activation scaling)."""
+    from magi_train.models.dit import MODEL_CONFIGS
+
+    cfg = copy.deepcopy(MODEL_CONFIGS["tiny"])
+    cfg.hidden_size, cfg.num_layers = hidden, layers
+    cfg.mm_layers, cfg.gelu7_layers = [0, layers - 1], [0]
+    return cfg
+
+
+__all__ = [
+    "ACT_LAYER",
+    "ACT_OUTSIDE_FIXED",
+    "ACT_OUTSIDE_PER_HIDDEN",
+    "H100_GIB",
+    "PlanRow",
+    "PlanSpec",
+    "RoleParameters",
+    "activation_bytes",
+    "check_plan",
+    "clip_tokens",
+    "format_plan",
+    "measure_activation_bytes",
+    "measure_constants",
+    "parse_clip",
+    "plan",
+    "role_parameters",
+    "teacher_bytes",
+    "tiny_like",
+    "trainable_bytes",
+]

@@ -31,16 +31,17 @@ from magi_train.config import (
 )
 from magi_train.data.datamodule import ClipDataModule
 from magi_train.models.dit import DiT, DiTConfig
-from magi_train.models.parallelize import parallelize
-from magi_train.models.weights import apply_dtype_policy, check_source, empty_dit, load_dit
+from magi_train.models.parallelize import ParallelConfig
+from magi_train.models.weights import apply_dtype_policy, check_source, dcp_keys, empty_dit, load_dit
 from magi_train.tasks.dmd2 import DMD2Task, validate_distill
 from magi_train.tasks.ema import StudentEMA
 from magi_train.tasks.pretrain import PretrainTask
+from magi_train.tasks.sharding import RoleSetup
 from magi_train.tasks.super_resolution import SuperResolutionTask
 from magi_train.training.data_report import DataReport
 from magi_train.training.resume import find_resume_checkpoint
-from magi_train.training.strategies import strategy_applies_activation_checkpointing
-from magi_train.training.trainer import build_trainer
+from magi_train.training.strategies import parallel_config
+from magi_train.training.trainer import build_trainer, resolve_precision
 from magi_train.utils.fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class RunContext:
     dry_run: bool = False
     resume: bool = False
     ckpt_path: str | None = None
+    plan_tokens: int | None = (
+        None  # tokens per micro-batch for the memory plan (data.max_tokens); None: 256p 5 s
+    )
 
 
 @dataclass
@@ -84,8 +88,60 @@ def start_run(ctx: RunContext, nodes: TrainerNodes) -> str | None:
 def _holds_teacher(ckpt_path: str | None) -> bool:
     if ckpt_path is None:
         return False
+    if Path(ckpt_path).is_dir():  # fsdp2 / DeepSpeed directory
+        return (Path(ckpt_path) / ".metadata").is_file() and any(
+            k.startswith("state_dict.teacher.") for k in dcp_keys(Path(ckpt_path))
+        )
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     return any(k.startswith("teacher.") for k in ckpt.get("state_dict", {}))
+
+
+def sharded(strategy: StrategyConfig) -> bool:
+    """strategy=fsdp2: roles are built on the meta device and each rank fills its own shards (tasks/sharding.py)."""
+    return strategy.name == "fsdp2"
+
+
+def memory_plan(
+    ctx: RunContext, nodes: TrainerNodes, model_cfg: DiTConfig, recipe: str, ac: bool, ema: bool,
+    teacher_dtype: str = "bf16",
+):  # fmt: skip
+    """(PlanSpec, its PlanRow for this run's GPU count) of training/memory.py."""
+    from magi_train.training.memory import PlanSpec, clip_tokens, plan
+
+    devices = nodes.trainer.devices
+    gpus = devices * nodes.trainer.num_nodes if isinstance(devices, int) and devices > 0 else 8
+    strategy = "fsdp2" if sharded(nodes.strategy) else "ddp"
+    spec = PlanSpec(
+        recipe=recipe, strategy=strategy, cp=nodes.strategy.cp, tokens=ctx.plan_tokens or clip_tokens(448, 256, 5),
+        activation_checkpointing=ac, teacher_dtype=teacher_dtype, ema=ema, gpus=(gpus,),
+    )  # fmt: skip
+    return spec, plan(model_cfg, spec)[0]
+
+
+def print_plan(spec, row) -> None:
+    from magi_train.training.memory import format_plan
+
+    print(
+        f"memory plan ({spec.recipe}, {spec.strategy}, cp {spec.cp}, {spec.tokens:,} tokens per micro-batch, "
+        f"activation checkpointing {spec.activation_checkpointing}; GiB per GPU, python -m magi_train.tools.plan):"
+    )
+    print(format_plan([row]))
+
+
+def check_memory(spec, row) -> None:
+    """On GPUs: stop before building anything when the plan does not fit the device (training/memory.py)."""
+    if not torch.cuda.is_available():
+        return
+    from magi_train.training.memory import GIB, check_plan
+
+    check_plan(row, torch.cuda.get_device_properties(0).total_memory / GIB, spec)
+
+
+def _parallel(nodes: TrainerNodes, model_cfg: DiTConfig, activation_checkpointing: bool) -> ParallelConfig:
+    precision = resolve_precision(nodes.trainer.precision)
+    return parallel_config(
+        nodes.strategy, precision, activation_checkpointing, model_cfg.ac_every, model_cfg.compile
+    )
 
 
 def fit(
@@ -112,11 +168,6 @@ def fit(
     return {"global_step": trainer.global_step, "run_dir": str(ctx.run_dir)}
 
 
-def _own_activation_checkpointing(strategy: StrategyConfig) -> bool:
-    # FSDP applies activation checkpointing itself, after wrapping (training/strategies.py)
-    return not strategy_applies_activation_checkpointing(strategy.name)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # pretraining: the base DiT (task pretrain) and the latent SR DiT (task pretrain_sr)
 # ---------------------------------------------------------------------------------------------------------
@@ -134,25 +185,40 @@ def run_pretrain(
     sr: SRConfig | None = None,
     init_from: str | None = None,
     callbacks: list[Callback] | None = None,
+    datamodule: L.LightningDataModule | None = None,
 ) -> dict[str, Any]:
-    """Train the base DiT (sr None) or the latent SR DiT by flow matching."""
+    """Train the base DiT (sr None) or the latent SR DiT by flow matching. datamodule: instead of the clip shards
+    of `data` (any LightningDataModule yielding ClipBatch; `data` still gives text_dim)."""
     model_cfg.validate()
+    recipe = "pretrain_sr" if sr is not None else "pretrain_base"
+    spec, row = memory_plan(ctx, nodes, model_cfg, recipe, model_cfg.activation_checkpointing, ema.decay > 0)
     if ctx.dry_run:
         with torch.device("meta"):
             n = DiT(model_cfg).num_parameters()
         print(f"parameters: {n:,}")
-        return {"parameters": n}
+        print_plan(spec, row)
+        return {"parameters": n, "plan_gib": row.total}
 
     assert data is not None, "only a dry run goes without data"
+    check_memory(spec, row)
     ckpt_path = start_run(ctx, nodes)
-    datamodule = ClipDataModule(data)
-    if init_from and ckpt_path is None:  # a resumed run takes its weights from the checkpoint
-        model = load_dit(init_from, model_cfg, what="init_from").model
+    datamodule = datamodule or ClipDataModule(data)
+    source = init_from if ckpt_path is None else None  # a resumed run takes its weights from the checkpoint
+    setup = RoleSetup(_parallel(nodes, model_cfg, model_cfg.activation_checkpointing), what="init_from")
+    sharded_ema = None
+    if sharded(nodes.strategy):  # built on meta; each rank fills its shards in configure_model
+        with torch.device("meta"):
+            model = DiT(model_cfg)
+        setup.source = source
+        if ema.decay > 0:
+            if ema.on_cpu:
+                raise ValueError("ema.on_cpu=true is not supported with strategy=fsdp2 (the EMA is sharded)")
+            sharded_ema, ema = (ema.decay, ema.start_step), None
+    elif source:
+        model = load_dit(source, model_cfg, what="init_from").model
     else:
         model = DiT(model_cfg)
     print(f"parameters: {model.num_parameters():,}")
-    own_ac = _own_activation_checkpointing(nodes.strategy)
-    model = parallelize(model, model_cfg.activation_checkpointing and own_ac, model_cfg.compile)
     common = dict(
         flow_cfg=flow,
         optim_cfg=optim,
@@ -160,6 +226,8 @@ def run_pretrain(
         text_dim=data.text_dim,
         seed=ctx.seed,
         max_nonfinite_steps=nodes.trainer.max_nonfinite_steps,
+        setup=setup,
+        sharded_ema=sharded_ema,
     )
     if sr is not None:
         task = SuperResolutionTask(
@@ -173,7 +241,7 @@ def run_pretrain(
         task = PretrainTask(model, **common)
     return fit(
         ctx, nodes, task, datamodule, list(callbacks or []), ckpt_path, grad_clip=optim.grad_clip, ema=ema,
-        validate=bool(data.val_shards), activation_checkpointing=model_cfg.activation_checkpointing,
+        validate=bool(data.val_shards),
     )  # fmt: skip
 
 
@@ -200,14 +268,17 @@ def build_roles(
     cfg: DistillConfig,
     load_teacher: bool = True,
     load_trainable: bool = True,
-    own_checkpointing: bool = True,
+    on_meta: bool = False,
 ) -> tuple[DiT, DiT, DiT]:
     """(teacher, critic, student). The critic and student copy the teacher unless given their own checkpoint.
 
-    With load_* false the roles stay uninitialised: a resumed run fills them from its checkpoint. With
-    own_checkpointing false the strategy applies activation checkpointing (FSDP, from
-    model.activation_checkpointing) and the per-role switches are not used.
+    With load_* false the roles stay uninitialised: a resumed run fills them from its checkpoint. on_meta
+    (strategy=fsdp2): every role is built on the meta device and filled shard by shard in configure_model from
+    the sources of `role_setups`.
     """
+    if on_meta:
+        with torch.device("meta"):
+            return DiT(model_cfg), DiT(model_cfg), DiT(model_cfg)
     if load_teacher:
         loaded = load_dit(cfg.teacher.checkpoint, model_cfg, what="distill.teacher.checkpoint")
         log.info("teacher: %s weights of %s", loaded.weights, cfg.teacher.checkpoint)
@@ -228,12 +299,41 @@ def build_roles(
     critic, student = trainable("critic"), trainable("student")
     if cfg.teacher.dtype == "bf16":
         apply_dtype_policy(teacher, "base")  # block linears in bf16 as released; run under bf16 autocast
-    teacher = parallelize(teacher, False, model_cfg.compile)  # no backward through it: no checkpointing
-    critic = parallelize(critic, cfg.critic.activation_checkpointing and own_checkpointing, model_cfg.compile)
-    student = parallelize(
-        student, cfg.student.activation_checkpointing and own_checkpointing, model_cfg.compile
-    )
     return teacher, critic, student
+
+
+def role_setups(
+    nodes: TrainerNodes,
+    model_cfg: DiTConfig,
+    cfg: DistillConfig,
+    load_teacher: bool = True,
+    load_trainable: bool = True,
+) -> dict[str, RoleSetup]:
+    """How configure_model makes each role ready: checkpointing per role (never the teacher, no backward through
+    it); under fsdp2 also the source each rank fills its shards from (critic and student: their own checkpoint or
+    the teacher's) and the teacher's storage dtypes."""
+    on_meta = sharded(nodes.strategy)
+    teacher_src = cfg.teacher.checkpoint if on_meta and load_teacher else None
+
+    def source(name: str) -> str | None:
+        if not (on_meta and load_trainable):
+            return None
+        return getattr(cfg, name).checkpoint or cfg.teacher.checkpoint
+
+    return {
+        "teacher": RoleSetup(
+            _parallel(nodes, model_cfg, False), teacher_src, "auto",
+            "base" if on_meta and cfg.teacher.dtype == "bf16" else "fp32", "distill.teacher.checkpoint",
+        ),
+        "critic": RoleSetup(
+            _parallel(nodes, model_cfg, cfg.critic.activation_checkpointing), source("critic"),
+            what="distill.critic.checkpoint",
+        ),
+        "student": RoleSetup(
+            _parallel(nodes, model_cfg, cfg.student.activation_checkpointing), source("student"),
+            what="distill.student.checkpoint",
+        ),
+    }  # fmt: skip
 
 
 def run_distill(
@@ -244,6 +344,7 @@ def run_distill(
     distill: DistillConfig,
     *,
     callbacks: list[Callback] | None = None,
+    datamodule: L.LightningDataModule | None = None,
 ) -> dict[str, Any]:
     """DMD-2 distillation of a pretrained DiT into a few-step CFG-free student (task dmd2).
 
@@ -252,39 +353,49 @@ def run_distill(
     """
     model_cfg.validate()
     validate_distill(distill)
+    ac = distill.student.activation_checkpointing and distill.critic.activation_checkpointing
+    spec, row = memory_plan(
+        ctx, nodes, model_cfg, "dmd2_distill", ac, distill.ema.decay > 0 and not distill.ema.on_cpu,
+        distill.teacher.dtype,
+    )  # fmt: skip
     if ctx.dry_run:
-        from magi_train.training.memory import format_table, memory_table, role_parameters
+        from magi_train.training.memory import role_parameters
 
         counts = role_parameters(model_cfg)
         print(f"parameters per role: {counts.total:,} (teacher, critic and student each)")
-        print(format_table(memory_table(counts, teacher_dtype=distill.teacher.dtype)))
-        return {"parameters": counts.total}
+        print_plan(spec, row)
+        return {"parameters": counts.total, "plan_gib": row.total}
     assert data is not None, "only a dry run goes without data"
+    check_memory(spec, row)
 
     ckpt_path = start_run(ctx, nodes)
     holds_teacher = _holds_teacher(ckpt_path)  # else the teacher is loaded from its own checkpoint
     if not holds_teacher:
         check_source(distill.teacher.checkpoint, "distill.teacher.checkpoint")
     accumulate = nodes.trainer.accumulate_grad_batches
-    datamodule = DistillDataModule(data, accumulate)
-    teacher, critic, student = build_roles(
-        model_cfg, distill, load_teacher=not holds_teacher, load_trainable=ckpt_path is None,
-        own_checkpointing=_own_activation_checkpointing(nodes.strategy),
-    )  # fmt: skip
+    datamodule = datamodule or DistillDataModule(data, accumulate)
+    load_teacher, load_trainable = not holds_teacher, ckpt_path is None
+    on_meta = sharded(nodes.strategy)
+    teacher, critic, student = build_roles(model_cfg, distill, load_teacher, load_trainable, on_meta)
+    setups = role_setups(nodes, model_cfg, distill, load_teacher, load_trainable)
     print(
         f"parameters: {student.num_parameters():,} per role (teacher {distill.teacher.dtype}, critic, student)"
     )
     task = DMD2Task(
         teacher, critic, student, distill, text_dim=data.text_dim, seed=ctx.seed, accumulate=accumulate,
         sample_dir=str(ctx.run_dir / "samples"), max_nonfinite_steps=nodes.trainer.max_nonfinite_steps,
+        setups=setups, sharded_ema=(distill.ema.decay, distill.ema.start_step) if on_meta and distill.ema.decay > 0
+        else None,
     )  # fmt: skip
     ema = distill.ema
-    own = [StudentEMA(ema.decay, ema.start_step, ema.on_cpu)] if ema.decay > 0 else []
+    if on_meta and ema.on_cpu and ema.decay > 0:
+        raise ValueError("distill.ema.on_cpu=true is not supported with strategy=fsdp2 (the EMA is sharded)")
+    own = [StudentEMA(ema.decay, ema.start_step, ema.on_cpu)] if ema.decay > 0 and not on_meta else []
     log.info("dmd2: trainer.max_steps counts iterations = critic updates")
     # expected here: the frozen teacher is in eval mode; checkpoints hold the post-update state of an iteration
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
     return fit(
         ctx, nodes, task, datamodule, own + list(callbacks or []), ckpt_path, accumulate_grad_batches=1,
-        validate=bool(data.val_shards), activation_checkpointing=model_cfg.activation_checkpointing,
+        validate=bool(data.val_shards),
     )  # fmt: skip

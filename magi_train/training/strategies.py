@@ -1,50 +1,66 @@
-"""Lightning strategies from `configs/strategy/`: DDP, FSDP per TransformerLayer, DeepSpeed ZeRO-2/3 (+ offload).
+"""Lightning strategies from `configs/strategy/`: DDP, FSDP2 with context parallelism (`fsdp2`), DeepSpeed ZeRO-2/3.
 
-The DiT keeps small fp32 islands (adapter, heads, RoPE bands, norms; see models/dit.py), so mixed precision
-must autocast the compute and never cast the parameters: Lightning's defaults for FSDP (bf16 parameters and
-buffers) and DeepSpeed (`bf16.enabled`, the whole module cast to bf16) would break them. Here FSDP keeps
-fp32 parameters and autocasts, and DeepSpeed runs its `torch_autocast` mode (fp32 parameters, bf16 compute
-and bf16 gradient communication for the block linears).
+`fsdp2` is Lightning's ModelParallelStrategy with our (dp_replicate, dp_shard, cp) mesh: every task shards its own
+roles in `configure_model` with `models/parallelize.py parallelize` (FSDP2 `fully_shard` per TransformerLayer, Ulysses
+over `cp`), builds them on the meta device and fills each rank's shards from the weight source. Checkpoints are
+torch.distributed.checkpoint directories (model, optimizers, EMA; `meta.pt` holds the loops, data position and every
+rank's RNG state). FSDP1 (`FSDPStrategy`) is retired: it cannot wrap a unit that mixes the bf16 linears and fp32 norms
+of the released model, and it refuses CPU processes, so it could never be tested here; `strategy=fsdp` selects fsdp2.
+
+The DiT keeps small fp32 islands (adapter, heads, RoPE bands, norms; see models/dit.py), so mixed precision must
+autocast the compute and never cast those parameters: FSDP2 gets one MixedPrecisionPolicy per group
+(models/parallelize.py) and runs under Lightning's bf16 autocast; DeepSpeed runs its `torch_autocast` mode (fp32
+parameters, bf16 compute and bf16 gradient communication for the block linears).
 """
 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.strategies import Strategy
-from torch import nn
 
 from magi_train.config import StrategyConfig
-from magi_train.models.dit import ModalityLinear, TransformerLayer
+from magi_train.models.dit import ModalityLinear
+from magi_train.models.parallelize import ParallelConfig, build_mesh, data_parallel_rank
 from magi_train.training.checkpoint_io import MarkedDirectoryCheckpoints
 
-STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3")
+STRATEGIES = ("auto", "ddp", "fsdp2", "deepspeed_stage_2", "deepspeed_stage_3")
 # Strategies whose parameters or optimizer states are split across ranks: their checkpoints are directories
-# of per-rank shards (FSDP with state_dict_type=full: one file) that `python -m magi_train.tools.consolidate`
-# turns into one state dict.
-SHARDED = ("fsdp", "deepspeed_stage_2", "deepspeed_stage_3")
-FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
-FSDP_STATE_DICT = ("sharded", "full")
+# of per-rank shards that `python -m magi_train.tools.consolidate` turns into one state dict.
+SHARDED = ("fsdp2", "deepspeed_stage_2", "deepspeed_stage_3")
 
 
-def strategy_applies_activation_checkpointing(name: str) -> bool:
-    """FSDP wraps checkpointing itself, after sharding (Lightning requires that order for FSDP1)."""
-    return name == "fsdp"
+def parallel_config(
+    strategy: StrategyConfig, precision: str, activation_checkpointing: bool, ac_every: int, compile: bool
+) -> ParallelConfig:
+    """What `parallelize` applies to each trained role under this strategy and precision."""
+    return ParallelConfig(
+        activation_checkpointing=activation_checkpointing,
+        ac_every=ac_every,
+        compile=compile,
+        param_dtype="bf16" if precision == "bf16-mixed" and strategy.name == "fsdp2" else "fp32",
+        reshard_after_forward=strategy.reshard_after_forward,
+        offload=strategy.offload and strategy.name == "fsdp2",
+    )
 
 
-def build_strategy(
-    cfg: StrategyConfig, precision: str = "32-true", activation_checkpointing: bool = False
-) -> str | Strategy:
+def build_strategy(cfg: StrategyConfig, precision: str = "32-true") -> str | Strategy:
     """The Lightning strategy for `cfg`; `precision` is the resolved trainer precision (e.g. bf16-mixed)."""
     name = cfg.name
+    if name == "fsdp":
+        raise ValueError("strategy.name=fsdp (FSDP1) is retired: use strategy=fsdp2 (docs/scale.md)")
     if name not in STRATEGIES:
         raise ValueError(f"strategy.name={name!r}: use one of {', '.join(STRATEGIES)} (configs/strategy/)")
     if cfg.offload and name not in SHARDED:
         raise ValueError(
-            f"strategy.offload=true needs a sharded strategy (fsdp, deepspeed_stage_2, deepspeed_stage_3), "
+            f"strategy.offload=true needs a sharded strategy (fsdp2, deepspeed_stage_2, deepspeed_stage_3), "
             f"not {name}"
+        )
+    if (cfg.cp > 1 or cfg.dp_replicate > 1) and name != "fsdp2":
+        raise ValueError(
+            f"strategy.cp={cfg.cp} / strategy.dp_replicate={cfg.dp_replicate} need strategy=fsdp2, not {name}"
         )
     options = dict(cfg.options)
     if name == "auto":
@@ -55,72 +71,94 @@ def build_strategy(
         from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy(find_unused_parameters=cfg.find_unused_parameters, **options)
-    if name == "fsdp":
-        return _fsdp(cfg, precision, activation_checkpointing, options)
+    if name == "fsdp2":
+        return _fsdp2_class()(dp_replicate=cfg.dp_replicate, cp=cfg.cp, **options)
     return _deepspeed(cfg, int(name[-1]), precision, options)
 
 
+def strategy_mesh(strategy: Any):
+    """The (dp_replicate, dp_shard, cp) mesh of an fsdp2 strategy, None for every other strategy."""
+    return getattr(strategy, "magi_mesh", None)
+
+
+def strategy_data_rank(strategy: Any) -> tuple[int, int]:
+    """(rank, size) among the processes that read different samples: cp ranks of one group read the same."""
+    mesh = strategy_mesh(strategy)
+    if mesh is not None:
+        return data_parallel_rank(mesh)
+    return getattr(strategy, "global_rank", 0), getattr(strategy, "world_size", 1)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# FSDP
+# FSDP2 + context parallel
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _fsdp_classes():
-    """FSDPStrategy / FSDPPrecision subclasses, built lazily (FSDP imports are slow)."""
-    from lightning.pytorch.plugins.precision import FSDPPrecision
-    from lightning.pytorch.strategies import FSDPStrategy
+def _fsdp2_class():
+    """ModelParallelStrategy subclass with our mesh, built lazily (its imports are slow)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.pytorch.strategies.parallel import ParallelStrategy
 
-    class ClippingFSDPPrecision(FSDPPrecision):
-        """Lightning's FSDP precision, plus gradient clipping by global norm through the root FSDP module.
+    class MagiFSDP2Strategy(MarkedDirectoryCheckpoints, ModelParallelStrategy):
+        """Lightning's ModelParallelStrategy (FSDP2 applied by the module's configure_model, DCP checkpoints) on the
+        (dp_replicate, dp_shard, cp) mesh of models/parallelize.py; checkpoint directories get a completion marker
+        (training/checkpoint_io.py). The mesh is the LightningModule's `device_mesh`."""
 
-        Lightning refuses norm clipping under FSDP because `torch.nn.utils.clip_grad_norm_` would see only the
-        local shards; FSDP's own `clip_grad_norm_` all-reduces the shard norms (torch FSDP docs).
-        """
+        def __init__(self, dp_replicate: int = 1, cp: int = 1, **kwargs: Any):
+            super().__init__(**kwargs)
+            self.dp_replicate, self.cp = dp_replicate, cp
+            self.magi_mesh = None
 
-        root: nn.Module | None = None
+        def setup_environment(self) -> None:
+            ParallelStrategy.setup_environment(self)
+            self._setup_distributed()
+            self.magi_mesh = build_mesh(self.root_device.type, self.world_size, self.dp_replicate, self.cp)
+            self._device_mesh = self.magi_mesh
+            self.lightning_module._device_mesh = self.magi_mesh
 
-        def clip_grad_by_norm(self, optimizer, clip_val: float | int) -> None:
-            if self.root is None:
-                raise RuntimeError("FSDP gradient clipping before the model was wrapped")
-            self.root.clip_grad_norm_(clip_val)
+        @property
+        def distributed_sampler_kwargs(self) -> dict[str, Any]:
+            rank, size = data_parallel_rank(self.magi_mesh)
+            return {"num_replicas": size, "rank": rank}
 
-    class MagiFSDPStrategy(MarkedDirectoryCheckpoints, FSDPStrategy):
-        """FSDPStrategy that hands the wrapped root module to ClippingFSDPPrecision; sharded checkpoint
-        directories get a completion marker (training/checkpoint_io.py)."""
+        def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+            """Lightning's sharded load, except that the module's `checkpoint_skips` prefixes (a frozen teacher loaded
+            from its own source) need not be in the checkpoint, and meta.pt is read with weights_only=True."""
+            return load_sharded_checkpoint(self, Path(self.broadcast(str(checkpoint_path))))
 
-        def _setup_model(self, model: nn.Module) -> nn.Module:
-            model = super()._setup_model(model)
-            if isinstance(self.precision_plugin, ClippingFSDPPrecision):
-                self.precision_plugin.root = model
-            return model
-
-    return MagiFSDPStrategy, ClippingFSDPPrecision
+    return MagiFSDP2Strategy
 
 
-def _fsdp(cfg: StrategyConfig, precision: str, activation_checkpointing: bool, options: dict[str, Any]):
-    from torch.distributed.fsdp import MixedPrecision
-
-    if cfg.sharding_strategy not in FSDP_SHARDING:
-        raise ValueError(f"strategy.sharding_strategy={cfg.sharding_strategy!r}: use one of {FSDP_SHARDING}")
-    if cfg.state_dict_type not in FSDP_STATE_DICT:
-        raise ValueError(f"strategy.state_dict_type={cfg.state_dict_type!r}: use one of {FSDP_STATE_DICT}")
-    strategy_cls, precision_cls = _fsdp_classes()
-    kwargs: dict[str, Any] = dict(
-        auto_wrap_policy={TransformerLayer},  # one FSDP unit per layer: all-gather one layer at a time
-        sharding_strategy=cfg.sharding_strategy,
-        state_dict_type=cfg.state_dict_type,
-        cpu_offload=cfg.offload,
-        limit_all_gathers=True,
-        precision_plugin=precision_cls(precision),
+def load_sharded_checkpoint(strategy: Any, path: Path) -> dict[str, Any]:
+    """Fill the (sharded) module and its optimizers from a DCP checkpoint directory; returns the rest (meta.pt)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
     )
-    if "mixed" in precision:
-        # fp32 parameters, gradients reduced in fp32, fp32 buffers (RoPE bands); the precision plugin autocasts.
-        fp32 = torch.float32
-        kwargs["mixed_precision"] = MixedPrecision(param_dtype=fp32, reduce_dtype=fp32, buffer_dtype=fp32)
-    if activation_checkpointing:
-        kwargs["activation_checkpointing_policy"] = {TransformerLayer}
-    kwargs.update(options)
-    return strategy_cls(**kwargs)
+
+    if not (path / ".metadata").is_file():
+        raise ValueError(
+            f"{path} is not a sharded (fsdp2) checkpoint directory: resume it with its own strategy"
+        )
+    module = strategy.lightning_module
+    skips = tuple(getattr(module, "checkpoint_skips", ()))
+    model_state = {
+        k: v for k, v in get_model_state_dict(module).items() if not k.startswith(skips or ("\0",))
+    }
+    state = {"state_dict": model_state}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(module, state["state_dict"], options=StateDictOptions(strict=not skips))
+    for idx, optimizer in enumerate(strategy.optimizers):
+        key = f"optimizer_{idx}"
+        optim_state = {key: get_optimizer_state_dict(module, optimizer)}
+        dcp.load(optim_state, checkpoint_id=path)
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=optim_state[key])
+    return torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

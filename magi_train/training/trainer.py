@@ -54,11 +54,12 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, resolved: dict[str, Any]) ->
 
 
 def check_ema_strategy(ema: EMAConfig | None, strategy: StrategyConfig) -> None:
-    """Lightning's EMA callback copies whole parameters: it cannot follow sharded ones, nor save with DeepSpeed."""
+    """Lightning's EMA callback copies whole parameters: it cannot follow sharded ones, nor save with DeepSpeed.
+    Under fsdp2 the task keeps its own EMA on the local shards (tasks/ema.py ShardedEMA) and passes none here."""
     if ema is not None and ema.decay > 0 and strategy.name in SHARDED:
         raise ValueError(
             f"ema.decay={ema.decay} (EMA) is not supported with strategy={strategy.name}: set ema.decay=0, or "
-            "train with strategy=ddp"
+            "train with strategy=fsdp2 or ddp"
         )
 
 
@@ -74,15 +75,13 @@ def build_trainer(
     ema: EMAConfig | None = None,
     accumulate_grad_batches: int | None = None,
     validate: bool = True,
-    activation_checkpointing: bool = False,
 ) -> L.Trainer:
     """A Lightning Trainer for one run.
 
     resolved: the root config, stored in every checkpoint. grad_clip: max global grad norm of automatic
     optimisation (0 = off; manual-optimisation tasks clip per role themselves). ema: EMA of the trained weights
     (None or decay 0 = off). accumulate_grad_batches: None = trainer.accumulate_grad_batches (a task that
-    accumulates itself passes 1). validate: the data has a validation split. activation_checkpointing: for the
-    strategies that apply it themselves (FSDP).
+    accumulates itself passes 1). validate: the data has a validation split.
     """
     check_ema_strategy(ema, strategy)
     callbacks = callbacks + [
@@ -111,7 +110,7 @@ def build_trainer(
         accelerator=trainer.accelerator,
         devices=trainer.devices,
         num_nodes=trainer.num_nodes,
-        strategy=build_strategy(strategy, precision, activation_checkpointing),
+        strategy=build_strategy(strategy, precision),
         precision=precision,
         plugins=plugins,
         max_steps=trainer.max_steps,

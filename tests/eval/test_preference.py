@@ -15,7 +15,9 @@ from magi_train.eval.preference import (
     pairwise_rates,
     preference_markdown,
     preference_report,
+    rater_agreement,
     read_judgements,
+    win_matrix,
     write_pair_sheet,
 )
 from magi_train.eval.stats import Estimate, mean_ci, ratio_ci
@@ -101,37 +103,125 @@ def test_csv_reading_and_errors(tmp_path):
         read_judgements(tmp_path / "cols.csv")
 
 
-def test_blind_pair_sheet_randomises_and_records_the_order(tmp_path):
+def _clips(tmp_path, systems, n):
     clips = {}
-    for system in ("ours", "baseline"):
-        d = tmp_path / system
-        d.mkdir()
+    for system in systems:
+        d = tmp_path / "runs" / system / "clips"  # source paths name the system, as run folders do
+        d.mkdir(parents=True)
         clips[system] = {}
-        for k in range(40):
+        for k in range(n):
             (d / f"p{k}.mp4").write_bytes(f"{system} {k}".encode())
             clips[system][f"p{k}"] = d / f"p{k}.mp4"
-    sheet = write_pair_sheet(clips, tmp_path / "sheet", {"p0": "a <b>bold</b> prompt"}, seed=7)
-    page = sheet.read_text()
-    assert page.count("<video") == 80 and "ours" not in page and "baseline" not in page  # blind
-    assert "a &lt;b&gt;bold&lt;/b&gt; prompt" in page
-    with open(tmp_path / "sheet" / "pairs.csv") as f:
-        rows = list(csv.DictReader(f))
-    left_is_ours = sum(r["system_A"] == "ours" for r in rows)
-    assert 10 <= left_is_ours <= 30  # randomised sides
-    assert [r["prompt_id"] for r in rows] != [f"p{k}" for k in range(40)]  # shuffled order
-    for r in rows:  # the recorded order matches the page
-        for side in "AB":
-            shown = (tmp_path / "sheet" / r[f"video_{side}"]).read_bytes()
-            assert shown == f"{r[f'system_{side}']} {r['prompt_id'][1:]}".encode()
-            assert r[f"video_{side}"] == f"media/{r['item']}_{side}.mp4" and r[f"video_{side}"] in page
-    again = write_pair_sheet(clips, tmp_path / "sheet2", seed=7)
-    assert (tmp_path / "sheet2" / "pairs.csv").read_text() == (tmp_path / "sheet" / "pairs.csv").read_text()
-    # a rater always picks the clip of "ours": un-blinding gives a 100% win rate whatever the side
+    return clips
+
+
+def test_blind_pair_sheets_per_rater_randomise_record_and_hide_the_systems(tmp_path):
+    systems = ("oursecretmodel", "baselinemodel")
+    clips = _clips(tmp_path, systems, 40)
+    out = write_pair_sheet(
+        clips, tmp_path / "sheet", {"p0": "a <b>bold</b> prompt"}, seed=7, raters=["r01", "r02"]
+    )
+    keys = {}
+    for rater in ("r01", "r02"):
+        folder = out / "raters" / rater
+        page = (folder / "index.html").read_text()
+        assert page.count("<video") == 80 and "a &lt;b&gt;bold&lt;/b&gt; prompt" in page
+        # nothing in the folder given to the rater names a system: not the page, answers, file names
+        for f in folder.rglob("*"):
+            assert not any(name in str(f.relative_to(folder)) for name in systems), f
+            if f.suffix in (".html", ".csv", ".json"):
+                assert not any(name in f.read_text() for name in systems), f
+        with open(out / "key" / f"{rater}.csv") as f:
+            keys[rater] = rows = list(csv.DictReader(f))
+        assert 10 <= sum(r["system_A"] == systems[0] for r in rows) <= 30  # randomised sides
+        assert [r["prompt_id"] for r in rows] != [f"p{k}" for k in range(40)]  # shuffled order
+        for r in rows:  # the key matches what the rater sees
+            for side in "AB":
+                shown = (folder / r[f"video_{side}"]).read_bytes()
+                assert shown == f"{r[f'system_{side}']} {r['prompt_id'][1:]}".encode()
+                assert r[f"video_{side}"] == f"media/{r['item']}_{side}.mp4" and r[f"video_{side}"] in page
+    assert not (out / "raters" / "r01" / "pairs.csv").exists() and (out / "key" / "study.json").is_file()
+    # every rater has their own order and placement, recorded in their key
+    assert [(r["prompt_id"], r["system_A"]) for r in keys["r01"]] != [
+        (r["prompt_id"], r["system_A"]) for r in keys["r02"]
+    ]
+    again = write_pair_sheet(clips, tmp_path / "sheet2", seed=7, raters=["r01", "r02"])
+    assert (again / "key/r02.csv").read_text() == (
+        out / "key/r02.csv"
+    ).read_text()  # reproducible from the seed
+    # a rater always picks the clip of the first system: un-blinding gives a 100% win rate whatever the side
     with open(tmp_path / "answers.csv", "w") as f:
-        f.write(
-            "item,choice\n"
-            + "".join(f"{r['item']},{'A' if r['system_A'] == 'ours' else 'B'}\n" for r in rows)
-        )
-    js = judgements_from_sheet(tmp_path / "sheet" / "pairs.csv", tmp_path / "answers.csv")
-    assert len(js) == 40 and all(j.winner == "ours" for j in js)
-    assert again.name == "index.html"
+        f.write("item,choice\n" + "".join(f"{r['item']},{'A' if r['system_A'] == systems[0] else 'B'}\n"
+                                          for r in keys["r02"]))  # fmt: skip
+    js = judgements_from_sheet(out / "key" / "r02.csv", tmp_path / "answers.csv")
+    assert len(js) == 40 and all(j.winner == systems[0] and j.rater == "r02" for j in js)
+    assert sorted(j.prompt_id for j in js) == sorted(f"p{k}" for k in range(40))
+    with pytest.raises(ValueError, match="rater ids"):
+        write_pair_sheet(clips, tmp_path / "bad", raters=["r01", "r01"])
+
+
+def _rater_study(rng, raters=40, prompts=50, mean=0.6, concentration=6.0):
+    """Each rater has their own win probability p_r ~ Beta with the given mean (a rater effect): judgements of
+    one rater are correlated. The population win rate is `mean`."""
+    out = []
+    for r in range(raters):
+        p = rng.beta(mean * concentration, (1 - mean) * concentration)
+        for k in range(prompts):
+            winner = "ours" if rng.random() < p else "base"
+            out.append(Judgement("ours", "base", winner, f"r{r}", f"p{k}"))
+    return out
+
+
+def test_rater_bootstrap_covers_a_rater_correlated_win_rate_at_the_nominal_rate():
+    rng = np.random.default_rng(0)
+    covered = {"auto": 0, "judgements": 0}
+    widths = {"auto": [], "judgements": []}
+    for k in range(100):
+        study = _rater_study(rng)
+        for mode in covered:
+            row = pairwise_rates(study, n_resamples=300, seed=k, resample=mode)[0]
+            est = row["win"]
+            covered[mode] += est["low"] <= 0.6 <= est["high"]
+            widths[mode].append(est["high"] - est["low"])
+        assert row["raters"] == 40 and row["prompts"] == 50
+    assert pairwise_rates(study, n_resamples=10)[0]["resampled"] == "raters+prompts"  # the default
+    assert covered["auto"] >= 90, covered  # 95% nominal
+    # the control: resampling single judgements is far too narrow for correlated judgements
+    assert covered["judgements"] <= 75, covered
+    assert np.mean(widths["auto"]) > 2 * np.mean(widths["judgements"])
+
+
+def test_rater_agreement_krippendorff_alpha():
+    # three items, two raters each: (a, a), (a, b), (b, b) -> alpha = 1 - (n - 1) * D_o / D_e = 1 - 5 * 2 / 18
+    js = [Judgement("x", "y", "x", "r1", "p1"), Judgement("y", "x", "x", "r2", "p1"),  # sides folded
+          Judgement("x", "y", "x", "r1", "p2"), Judgement("x", "y", "y", "r2", "p2"),
+          Judgement("x", "y", "y", "r1", "p3"), Judgement("x", "y", "y", "r2", "p3")]  # fmt: skip
+    agreement = rater_agreement(js)
+    assert agreement["items"] == 3 and agreement["krippendorff_alpha"] == pytest.approx(4 / 9)
+    assert agreement["percent_agreement"] == pytest.approx(2 / 3)
+    same = [
+        Judgement("x", "y", w, r, p)
+        for p, w in (("p1", "x"), ("p2", "tie"), ("p3", "y"))
+        for r in ("r1", "r2", "r3")
+    ]
+    assert rater_agreement(same)["krippendorff_alpha"] == pytest.approx(1.0)
+    assert rater_agreement(js[:1])["krippendorff_alpha"] is None  # no item with two raters
+    report = preference_report(js, n_resamples=50)
+    assert "Krippendorff's alpha 0.444" in preference_markdown(report)
+
+
+def test_bradley_terry_uses_one_fixed_regularisation():
+    import choix
+
+    # "A" never loses: its ML strength is infinite; one fixed alpha keeps every fit finite and comparable
+    js = [Judgement("A", "B", "A", f"r{k % 4}", f"p{k}") for k in range(12)]
+    js += [Judgement("B", "C", w, f"r{k % 4}", f"p{k}") for k, w in enumerate(["B", "C", "B", "tie"] * 3)]
+    ranking = bradley_terry(js, n_resamples=30, alpha=0.05)
+    systems = ["A", "B", "C"]
+    point = choix.ilsr_pairwise_dense(win_matrix(js, systems), alpha=0.05, max_iter=1000)
+    fitted = {r["system"]: r["strength"]["value"] for r in ranking}
+    assert [fitted[s] for s in systems] == pytest.approx(list(point - point.mean()), abs=1e-6)
+    assert all(r["alpha"] == 0.05 and r["resampled"] == "raters+prompts" for r in ranking)
+    assert all(np.isfinite([r["strength"]["low"], r["strength"]["high"]]).all() for r in ranking)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        bradley_terry(js, alpha=0.0)

@@ -98,7 +98,8 @@ def test_offset_search_recovers_a_known_shift(shift):
     video, audio = _talking_mouth(60, shift)
     scorer = SyncScorer(MouthEncoder(), vshift=8, crop="none", batch=1000)
     result = offset_search(*scorer.features(video, audio), vshift=8)
-    assert result.offset == shift
+    # syncnet_python's sign (SyncNetInstance.evaluate: offset = vshift - argmin): audio `shift` frames late -> -shift
+    assert result.offset == -shift
     assert result.lse_c > 0.5 and result.lse_d == min(result.mean_distances)
     # unrelated audio: no confident offset
     _, other = _talking_mouth(60, 0, seed=5)
@@ -115,7 +116,42 @@ def test_offset_search_through_an_mp4(tmp_path):
     clip = write_audio_video_mp4(tmp_path / "talk.mp4", video, np.stack([out, out]))
     result = SyncScorer(MouthEncoder(), vshift=8, batch=1000).score(clip)
     assert (
-        abs(result.offset - 3) <= 1
-    )  # AAC coding and resampling may move the envelope by a fraction of a frame
+        abs(result.offset + 3) <= 1
+    )  # audio 3 frames late; AAC and resampling may move it a fraction of a frame
     tiny = SyncScorer(SyncNet(**TINY), vshift=2)  # the real network runs on the same windows
     assert len(tiny.score(clip).mean_distances) == 5
+
+
+def test_offset_sign_follows_syncnet_python_on_hand_made_features():
+    """Features built by hand: audio window t + 2 matches video window t (the sound is 2 frames late). The
+    reference computes dists[t][j] = |v_t - a_{t + j - vshift}| and offset = vshift - argmin_j mean_t -> -2."""
+    rng = np.random.default_rng(0)
+    base = torch.from_numpy(rng.normal(size=(40, 8))).float()
+    video, audio = base[2:32], base[:30]  # video window t = base[t + 2] = audio window t + 2
+    result = offset_search(video, audio, vshift=5)
+    assert result.offset == -2 and result.mean_distances.index(min(result.mean_distances)) == 5 + 2
+
+
+def test_released_layout_without_num_batches_tracked_loads(tmp_path):
+    """syncnet_v2.model was saved before BatchNorm had `num_batches_tracked`: a state dict of the released
+    layout without those buffers loads; any other missing or extra key is still refused."""
+    torch.manual_seed(0)
+    net = SyncNet(**TINY).eval()
+    legacy = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(legacy) < len(net.state_dict())  # the buffers really are left out
+    torch.save(legacy, tmp_path / "syncnet_v2.model")
+    loaded = SyncNet.from_pretrained(tmp_path / "syncnet_v2.model")
+    lips = torch.rand(2, 3, 5, 224, 224) * 255
+    assert torch.equal(loaded.forward_lip(lips), net.forward_lip(lips))
+    no_mean = {k: v for k, v in legacy.items() if k != "netcnnaud.1.running_mean"}
+    torch.save(no_mean, tmp_path / "broken.model")
+    with pytest.raises(ValueError, match=r"missing \['netcnnaud.1.running_mean'\]"):
+        SyncNet.from_pretrained(tmp_path / "broken.model")
+    torch.save({**legacy, "extra.weight": torch.zeros(1)}, tmp_path / "extra.model")
+    with pytest.raises(ValueError, match=r"unexpected \['extra.weight'\]"):
+        SyncNet.from_pretrained(tmp_path / "extra.model")
+    import argparse
+
+    torch.save({**legacy, "opts": argparse.Namespace(x=1)}, tmp_path / "pickled.model")
+    with pytest.raises(ValueError, match="never unpickled"):  # weights_only=True: no arbitrary objects
+        SyncNet.from_pretrained(tmp_path / "pickled.model")

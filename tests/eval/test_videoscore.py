@@ -1,7 +1,10 @@
 """VideoScore2 backend on a tiny random Qwen2_5_VLForConditionalGeneration (loading, greedy generation with a
 video, answer parsing, soft scores at the digit positions), the parser on realistic answers, and the proxy."""
 
+import json
+import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +13,13 @@ import torch
 from magi_train.eval.videoscore import (
     ProxyScorer,
     VideoScore2Scorer,
+    authors_soft_score,
     load_scorer,
     parse_scores,
     query_messages,
+    query_text,
     soft_score,
+    upstream_parse,
 )
 from tests.fixtures.tiny_models import (
     build_tiny_model,
@@ -69,6 +75,10 @@ def test_parser_on_realistic_answers(answer, expected, upstream_ok):
     assert (re.search(UPSTREAM, answer, re.DOTALL | re.IGNORECASE) is not None) == upstream_ok
 
 
+def test_upstream_regex_is_recorded():
+    assert upstream_parse(ANSWERS[0][0]) == (4, 3, 5) and upstream_parse(ANSWERS[2][0]) is None
+
+
 def test_parser_rejects_non_scores():
     assert parse_scores("I cannot evaluate this video.") == {}
     parsed = parse_scores(
@@ -79,13 +89,50 @@ def test_parser_rejects_non_scores():
     assert thinking_only == {}  # labels inside the reasoning do not count once it is closed
 
 
-def test_soft_score_is_the_expected_digit():
-    logits = torch.full((10,), -1e9)
+def test_prompt_is_the_upstream_training_template():
+    """The query equals TIGER-AI-Lab/VideoScore2 data/data_sft.py INPUT_TEMPLATE (stored in tests/eval/data with
+    its commit), the text the SFT rows put after "<video>"; the older benchmark query is an option only."""
+    upstream = json.loads((Path(__file__).parent / "data/videoscore2_input_template.json").read_text())
+    prompt = "A playful kitten pounces on a dangling string"
+    assert query_text(prompt) == upstream["template"].replace("$t2v_prompt", prompt)
+    assert query_text(prompt) != query_text(prompt, "benchmark") and "DO NOT include" in query_text(
+        prompt, "benchmark"
+    )
+    content = query_messages(prompt)[0]["content"]
+    assert [c["type"] for c in content] == ["video", "text"]  # "<video>" precedes the text in training
+    with pytest.raises(ValueError, match="unknown VideoScore2 prompt template"):
+        query_text(prompt, "v0")
+
+
+def _upstream_normed(probs):
+    """The authors' ll_based_soft_score_normed (vs2_inference.py), restated: the digit with the largest
+    probability times that probability over the digits' total."""
+    best = max(range(5), key=lambda k: probs[k])
+    return (best + 1) * probs[best] / sum(probs)
+
+
+@pytest.mark.parametrize(
+    "probs", [[0, 0, 0, 0.2, 0.8], [0.1, 0.2, 0.4, 0.2, 0.1], [0.05, 0.05, 0.3, 0.3, 0.3], [1, 0, 0, 0, 0]]
+)
+def test_authors_soft_score_equals_their_formula(probs):
+    assert authors_soft_score(probs) == pytest.approx(_upstream_normed(probs))
+    scaled = [3 * p for p in probs]  # unnormalised probabilities (a digit subset of the vocabulary)
+    assert authors_soft_score(scaled) == pytest.approx(_upstream_normed(probs))
+
+
+def test_soft_score_formulas_on_logits():
     ids = [3, 4, 5, 6, 7]
-    logits[5], logits[6] = 0.0, 0.0  # p(3) = p(4) = 1/2
-    assert soft_score(logits, ids) == pytest.approx(3.5)
+    logits = torch.full((10,), -1e9)
+    logits[6], logits[7] = math.log(0.2), math.log(0.8)  # p(4) = 0.2, p(5) = 0.8
+    assert soft_score(logits, ids) == pytest.approx(4.00)  # the authors' default: 5 * 0.8
+    assert soft_score(logits, ids, "expected") == pytest.approx(4.80)
     logits[9] = 50.0  # a non-digit token dominating the vocabulary does not matter: renormalised over 1-5
-    assert soft_score(logits, ids) == pytest.approx(3.5)
+    assert soft_score(logits, ids) == pytest.approx(4.00)
+    processed = logits.clone()
+    processed[[3, 4, 5, 6]] = -float("inf")  # top-k filtering of sampling: filtered digits have p = 0
+    assert soft_score(processed, ids) == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="unknown soft score"):
+        soft_score(logits, ids, "mean")
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +196,9 @@ def test_soft_scores_at_the_digits_of_a_trained_tiny_model(tmp_path):
         tokenizer = build_tiny_tokenizer()
         model = build_tiny_model(tokenizer, seed=0)
         path = write_tiny_videoscore2(tmp_path / "vs2", model=model, tokenizer=tokenizer)
-        scorer = VideoScore2Scorer(path, device="cpu", max_new_tokens=80)
+        scorer = VideoScore2Scorer(
+            path, device="cpu", max_new_tokens=80, decoding="greedy", soft_score="expected"
+        )
         inputs = _video_inputs(scorer, "a cat on a sofa")
         answer = "<think>sharp frames</think>visual quality: 4;\ntext-to-video alignment: 3,\nphysical/common-sense consistency: 5"
         target = scorer.tokenizer(answer + "<|im_end|>", return_tensors="pt")["input_ids"]
@@ -180,6 +229,22 @@ def test_soft_scores_at_the_digits_of_a_trained_tiny_model(tmp_path):
             probs = torch.softmax(logits[prompt_len + k - 1, digit_ids], -1)
             expected = float((probs * torch.arange(1, 6)).sum())
             assert getattr(result, dim) == pytest.approx(expected, abs=1e-4)
+        # the authors' decoding: sampling at T = 0.7, soft scores on the processed scores (temperature, then
+        # transformers' default top-k = 50), authors' formula
+        sampled = VideoScore2Scorer(path, device="cpu", max_new_tokens=80)
+        sampled.model = m
+        assert sampled.generate_kwargs() == {"do_sample": True, "temperature": 0.7, "output_scores": True}
+        result = sampled.score_inputs(inputs)
+        assert result.hard == {"visual_quality": 4, "text_alignment": 3, "physical_consistency": 5}
+        assert result.details["soft_score"] == "authors" and result.details["upstream_agrees"]
+        for dim, label in (("visual_quality", "visual quality: "), ("text_alignment", "alignment: "),
+                           ("physical_consistency", "consistency: ")):  # fmt: skip
+            k = len(scorer.tokenizer(answer[: answer.index(label) + len(label)])["input_ids"])
+            scaled = logits[prompt_len + k - 1] / 0.7
+            kth = torch.topk(scaled, 50).values[-1]
+            processed = torch.where(scaled < kth, torch.tensor(-float("inf")), scaled)
+            probs = torch.softmax(processed, -1)[digit_ids].tolist()
+            assert getattr(result, dim) == pytest.approx(_upstream_normed(probs), abs=1e-4)
     finally:
         torch.set_num_threads(threads)
 

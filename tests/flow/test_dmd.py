@@ -427,3 +427,27 @@ def test_gan_losses_are_softplus():
     torch.testing.assert_close(dmd.gan_discriminator_loss(real, fake), sp(-real).mean() + sp(fake).mean())
     # the generator loss falls as the discriminator's fake logit rises
     assert dmd.gan_generator_loss(fake + 1) < dmd.gan_generator_loss(fake)
+
+
+def test_gan_sigma_is_uniform_over_the_whole_range():
+    """DMD2's diffusion GAN noises at t ~ U{0, 1000}: unshifted, unclamped (not the DMD step's levels)."""
+    s = dmd.sample_gan_sigma(20000, generator=torch.Generator().manual_seed(0))
+    assert 0.0 <= float(s.min()) < 0.01 and 0.99 < float(s.max()) < 1.0
+    assert abs(float(s.mean()) - 0.5) < 0.01 and abs(float((s < 0.25).double().mean()) - 0.25) < 0.01
+    assert float(dmd.sample_gan_sigma(1000, 0.5, torch.Generator().manual_seed(0)).max()) < 0.5
+    with pytest.raises(ValueError, match="GAN noise level"):
+        dmd.sample_gan_sigma(4, high=0.0)
+
+
+def test_diffusion_gan_noises_real_and_fake_at_the_same_level():
+    real, fake, sigma = _batch(seed=1), _batch(seed=2), torch.tensor([0.0, 0.3, 0.6, 0.9])
+    gen = torch.Generator().manual_seed(5)
+    x_real, x_fake = dmd.diffusion_gan_inputs(real, fake, sigma, gen)
+    s = sigma.view(-1, 1)
+    for xr, xf, r, f in zip(x_real, x_fake, real, fake, strict=True):
+        eps_r, eps_f = (xr - (1 - s) * r), (xf - (1 - s) * f)  # = s * eps: same level, per sample
+        torch.testing.assert_close(xr[0], r[0])  # s = 0: clean
+        torch.testing.assert_close(xf[0], f[0])
+        assert not torch.allclose(eps_r[1:], eps_f[1:])  # independent noise for real and fake
+    with pytest.raises(ValueError, match="one entry per sample"):
+        dmd.diffusion_gan_inputs(real, fake, sigma[:2])

@@ -7,6 +7,7 @@ from magi_train.flow import sampling
 from magi_train.flow.sampling import (
     Guidance,
     cfg_combine,
+    cond_uncond,
     fresh_noise,
     make_unipc,
     released_sigmas,
@@ -122,15 +123,78 @@ def _noise(seed=0):
     return [torch.randn(48, 3, 2, 2, generator=g)], [torch.randn(9, 64, generator=g)]
 
 
-def test_unipc_cfg_runs_uncond_with_negative_prompt_and_equal_branches_match_no_cfg():
+@pytest.mark.parametrize("batch_cfg", [False, True])
+def test_unipc_cfg_runs_uncond_with_negative_prompt_and_equal_branches_match_no_cfg(batch_cfg):
     video, audio = _noise()
     text, neg = [torch.ones(3, 8)], [torch.zeros(2, 8)]
     rec = _Recorder()
-    sample_unipc(rec, video, audio, text, neg, num_steps=5)
-    assert len(rec.calls) == 10 and rec.calls[1] == [0.0]  # cond then uncond (negative prompt) each step
-    a = sample_unipc(_Recorder(), video, audio, text, text, num_steps=5)
+    sample_unipc(rec, video, audio, text, neg, num_steps=5, batch_cfg=batch_cfg)
+    if batch_cfg:  # one forward per step: the clip with its prompt, then with the negative prompt
+        assert rec.calls == [[1.0, 0.0]] * 5
+    else:  # cond then uncond (negative prompt) each step
+        assert len(rec.calls) == 10 and rec.calls[0] == [1.0] and rec.calls[1] == [0.0]
+    a = sample_unipc(_Recorder(), video, audio, text, text, num_steps=5, batch_cfg=batch_cfg)
     b = sample_unipc(_Recorder(), video, audio, text, None, num_steps=5)
     torch.testing.assert_close(a, b)
+
+
+def _random_tiny_dit(seed=0):
+    """The tiny DiT with every weight random (its zero-initialised norms and heads would make branches equal)."""
+    from magi_train.models.dit import MODEL_CONFIGS, DiT
+
+    torch.manual_seed(seed)
+    model = DiT(MODEL_CONFIGS["tiny"]).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _clips(seed=0):
+    """Two clips of different sizes; prompts and negative prompts of different lengths (width 3584)."""
+    g = torch.Generator().manual_seed(seed)
+    video = [torch.randn(48, 2, 4, 4, generator=g), torch.randn(48, 3, 2, 4, generator=g)]
+    audio = [torch.randn(5, 64, generator=g), torch.randn(9, 64, generator=g)]
+    text = [torch.randn(5, 3584, generator=g), torch.randn(3, 3584, generator=g)]
+    negative = [torch.randn(7, 3584, generator=g), torch.randn(7, 3584, generator=g)]
+    return video, audio, text, negative
+
+
+def test_batched_cond_uncond_equals_two_forwards_of_the_dit():
+    model = _random_tiny_dit()
+    video, audio, text, negative = _clips()
+    with torch.no_grad():
+        packed = cond_uncond(model, video, audio, text, negative, batched=True)
+        separate = cond_uncond(model, video, audio, text, negative, batched=False)
+        one_by_one = [model([video[i]], [audio[i]], [t[i]]) for t in (text, negative) for i in range(2)]
+    for got, want in zip(packed, separate, strict=True):
+        assert len(got) == 2
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # and equal to the release's batch-1 calls, one clip and one branch at a time
+    torch.testing.assert_close(packed[0] + packed[2], [v[0][0] for v in one_by_one], atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[1] + packed[3], [v[1][0] for v in one_by_one], atol=1e-5, rtol=0)
+    # control: the branches differ, so the equality above is not between identical tensors
+    assert (packed[0][0] - packed[2][0]).abs().max() > 1e-2
+
+
+def test_batched_guidance_sampler_equals_two_forwards_per_step():
+    model = _random_tiny_dit(1)
+    video, audio, text, negative = _clips(1)
+    g = Guidance()
+    out = [
+        sample_unipc(model, video, audio, text, negative, num_steps=4, guidance=g, batch_cfg=b)
+        for b in (True, False)
+    ]
+    # float rounding of the packed GEMMs (~1e-6 per forward) grows by the guidance scale 5 over the steps
+    torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)
+    no_cfg = sample_unipc(model, video, audio, text, None, num_steps=4)
+    assert (out[0][0][0] - no_cfg[0][0]).abs().max() > 1e-3  # guidance changed the result
+
+
+def test_cond_uncond_needs_one_negative_per_clip():
+    video, audio, text, negative = _clips()
+    with pytest.raises(ValueError, match="negative text per clip"):
+        cond_uncond(_Recorder(), video, audio, text, negative[:1])
 
 
 @pytest.mark.parametrize("sampler", ["unipc", "distilled"])

@@ -268,3 +268,43 @@ def test_distilled_checkpoint_carries_its_steps_and_shift(tiny_codecs, tmp_path)
     res = generate(released, pipe)
     assert calls[0] == 8 and (res.info["base"]["steps"], res.info["base"]["shift"]) == (8, 5.0)
     assert res.info["base"]["settings_from"] == {"steps": "released", "shift": "released"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The TurboVAED decoder (generate.turbo_vae), as the release decodes by default
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_turbo_vae_decodes_the_mp4(tiny_codecs, tmp_path):
+    from magi_train.codecs import TurboVAE
+    from magi_train.inference.generate import _to_uint8
+
+    _distilled_ckpt(tmp_path / "dmd.ckpt", num_student_steps=2, shift=5.0)
+    turbo_dir = tiny_codecs / "turbo_vae"  # written by write_tiny_codecs, windows of 3 then 2 latent frames
+    cfg = GenerateConfig(distilled_ckpt=str(tmp_path / "dmd.ckpt"), prompt="a cat", seconds=0.64, width=32,
+                         height=64, codecs_dir=str(tiny_codecs), output=str(tmp_path / "t.mp4"), progress=False,
+                         device="cpu", turbo_vae=str(turbo_dir))  # fmt: skip
+    res = generate(cfg)
+    info = read_mp4_info(res.video_path)
+    assert info["frames"] == 17 and info["fps"] == 25 and (info["width"], info["height"]) == (32, 64)
+    assert res.info["latent_frames"] == 5 and res.info["decoded_frames"] == 17  # 1 + 4 * 4, three windows
+    assert info["audio_rate"] == 44100 and abs(info["audio_seconds"] - 17 / 25) < 0.03
+    assert res.info["decoder"] == {"kind": "turbo", "path": str(turbo_dir)}
+    # the frames are the TurboVAED's decode of the sampled latent, not the Wan2.2 VAE's
+    turbo = TurboVAE.from_pretrained(turbo_dir)
+    assert np.array_equal(res.frames, _to_uint8(turbo.decode(res.video_latent[None])[0]))
+    wan = VideoVAE.from_pretrained(tiny_codecs / "video_vae")
+    assert not np.array_equal(res.frames, _to_uint8(wan.decode(res.video_latent[None])[0]))
+    # without generate.turbo_vae the Wan2.2 VAE decodes (the fallback)
+    res = generate(dataclasses.replace(cfg, turbo_vae=None, output=str(tmp_path / "w.mp4")))
+    assert res.info["decoder"]["kind"] == "wan2.2"
+    assert np.array_equal(res.frames, _to_uint8(wan.decode(res.video_latent[None])[0]))
+
+
+def test_turbo_vae_errors_name_the_setting(tiny_codecs, tmp_path):
+    _distilled_ckpt(tmp_path / "dmd.ckpt", num_student_steps=2, shift=5.0)
+    cfg = GenerateConfig(distilled_ckpt=str(tmp_path / "dmd.ckpt"), prompt="a cat", seconds=0.2, width=32,
+                         height=32, codecs_dir=str(tiny_codecs), output=str(tmp_path / "t.mp4"), progress=False,
+                         device="cpu", turbo_vae=str(tmp_path / "missing"))  # fmt: skip
+    with pytest.raises(ValueError, match="generate.turbo_vae=.*is not a directory"):
+        load_pipeline(cfg)

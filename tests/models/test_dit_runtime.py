@@ -7,7 +7,7 @@ import torch
 
 from magi_train.models.attention import varlen_attention
 from magi_train.models.dit import MODEL_CONFIGS, DiT
-from magi_train.models.parallelize import parallelize
+from magi_train.models.parallelize import ParallelConfig, parallelize
 
 
 def _random_tiny(seed: int = 0) -> DiT:
@@ -47,7 +47,7 @@ def test_varlen_attention_matches_naive_block_diagonal_reference():
 
 def test_activation_checkpointing_same_outputs_and_grads():
     plain = _random_tiny()
-    ckpt = parallelize(copy.deepcopy(plain), activation_checkpointing=True)
+    ckpt = parallelize(copy.deepcopy(plain), None, ParallelConfig(activation_checkpointing=True))
     assert list(plain.state_dict()) == list(ckpt.state_dict())  # released key names survive wrapping
     clips = _clips()
     grads = []

@@ -15,7 +15,6 @@ from magi_train.flow import dmd
 from magi_train.models.dit import MODEL_CONFIGS, DiT
 from magi_train.models.weights import load_dit
 from magi_train.tasks.dmd2 import DiTCondition, DiTScore, DMD2Task
-from magi_train.training.memory import GIB, RoleParameters, memory_table, teacher_bytes, trainable_bytes
 
 TINY = MODEL_CONFIGS["tiny"]
 FAST = [
@@ -332,24 +331,3 @@ def test_gan_bf16_teacher_samples_and_teacherless_checkpoint(compose, tmp_path, 
     assert any(k.startswith("disc.") for k in ckpt["state_dict"])  # the GAN head trains with the critic
     out = run(compose(_dmd2(run_dir, teacher_ckpt, *extra[:-3], "trainer.max_steps=4", "resume=true")))
     assert out["global_step"] == 4
-
-
-# ---------------------------------------------------------------------------------------------------------
-# memory note arithmetic
-# ---------------------------------------------------------------------------------------------------------
-
-
-def test_memory_budget_arithmetic_by_hand():
-    # 1e9 block-linear + 1e6 other parameters on 8 GPUs:
-    # teacher bf16 = (2 * 1e9 + 4 * 1e6) / 8 B; each trainable role = 18 * (1e9 + 1e6) / 8 B; EMA 4 B/param
-    p = RoleParameters(block_linear=10**9, other=10**6, largest_layer=10**8)
-    assert teacher_bytes(p, "bf16") == 2_004_000_000 and teacher_bytes(p, "fp32") == 4_004_000_000
-    assert trainable_bytes(p) == 18_018_000_000
-    (row,) = memory_table(p, gpus=(8,))
-    assert row.teacher == pytest.approx(250_500_000 / GIB)
-    assert row.critic == row.student == pytest.approx(2_252_250_000 / GIB)
-    assert row.ema == pytest.approx(500_500_000 / GIB)
-    assert row.total == pytest.approx((250_500_000 + 2 * 2_252_250_000 + 500_500_000) / GIB)
-    assert row.gather == pytest.approx(4e8 / GIB)  # two bf16 layers in flight
-    (cpu_ema,) = memory_table(p, gpus=(8,), ema_on_gpu=False)
-    assert cpu_ema.ema == 0

@@ -25,6 +25,7 @@ EXPECTED = {
                               "strategy.find_unused_parameters": True, "trainer.checkpoint_every_n_steps": 100}),
     "generate": ("generate", {"generate.base_ckpt": "outputs/smoke/checkpoints/last.ckpt", "generate.width": 32,
                               "generate.tiny_codecs": True}),
+    "distill_vae": ("vae_distill", {"vae_distill.tiny_teacher": True, "data.max_clips": 1}),
     "evaluate": ("evaluate", {"eval.suite.name": "smoke", "eval.scorer.backend": "proxy",
                               "eval.asr.backend": "pocketsphinx"}),
 }  # fmt: skip
@@ -82,6 +83,9 @@ def test_dry_run_15b_prints_exact_parameter_count(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "parameters: 15,299,419,136" in out.stdout
+    assert (
+        "memory plan (pretrain_base" in out.stdout
+    )  # model state + activations per GPU (training/memory.py)
     assert time.time() - start < 120  # meta device: no 61 GB allocation
 
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from omegaconf import OmegaConf
 
 import magi_train.data.distributed as even
 from magi_train.config import EMAConfig, StrategyConfig, narrow
 from magi_train.data.distributed import EvenAcrossRanks
 from magi_train.models.checkpoint import load_released
-from magi_train.models.dit import MODEL_CONFIGS, DiT, TransformerLayer
+from magi_train.models.dit import MODEL_CONFIGS, DiT
 from magi_train.models.weights import read_dit_state, source_kind
 from magi_train.tools.consolidate import consolidate
 from magi_train.training.resume import find_resume_checkpoint, newest_checkpoint
@@ -33,6 +33,8 @@ def test_every_strategy_config_composes_and_builds(compose):
     names = sorted(p.stem for p in STRATEGY_DIR.glob("*.yaml"))
     assert {
         "ddp",
+        "fsdp2",
+        "fsdp2_offload",
         "fsdp",
         "fsdp_offload",
         "deepspeed_stage_2",
@@ -43,7 +45,7 @@ def test_every_strategy_config_composes_and_builds(compose):
     for name in names:
         if name.startswith("deepspeed") and not _has_deepspeed():
             continue
-        built = build_strategy(strategy_cfg(compose, name), "bf16-mixed", activation_checkpointing=True)
+        built = build_strategy(strategy_cfg(compose, name), "bf16-mixed")
         assert built is not None, name
 
 
@@ -58,41 +60,42 @@ def test_ddp_config(compose):
     assert isinstance(s, DDPStrategy) and s._ddp_kwargs["find_unused_parameters"] is True
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_fsdp_wraps_each_transformer_layer_with_fp32_params_and_checkpointing(compose, offload):
-    from torch.distributed.fsdp import ShardingStrategy
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+@pytest.mark.parametrize("name", ["fsdp2", "fsdp2_offload", "fsdp", "fsdp_offload"])
+def test_fsdp2_configs(compose, name):
+    """fsdp / fsdp_offload (FSDP1, retired) now select FSDP2: Lightning's ModelParallelStrategy with our mesh."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    s = build_strategy(strategy_cfg(compose, "fsdp_offload" if offload else "fsdp"), "bf16-mixed", True)
-    assert isinstance(s, FSDPStrategy)
-    policy = s.kwargs["auto_wrap_policy"]
-    assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {TransformerLayer}
-    assert s.kwargs["use_orig_params"] and s.sharding_strategy == ShardingStrategy.FULL_SHARD
-    assert s._state_dict_type == "sharded"
-    assert s.cpu_offload.offload_params is offload
-    # bf16 compute by autocast; parameters, gradient reduction and buffers (RoPE bands) stay fp32
-    mp = s.mixed_precision_config
-    assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.float32,) * 3
-    assert s.precision_plugin.precision == "bf16-mixed"
-    ac = s._activation_checkpointing_kwargs["auto_wrap_policy"]
-    assert isinstance(ac, ModuleWrapPolicy) and ac._module_classes == {TransformerLayer}
-    no_ac = build_strategy(strategy_cfg(compose, "fsdp"), "32-true", activation_checkpointing=False)
-    assert not no_ac._activation_checkpointing_kwargs and no_ac.mixed_precision is None
+    from magi_train.training.strategies import parallel_config
+
+    cfg = strategy_cfg(compose, name, "strategy.cp=2", "strategy.dp_replicate=2")
+    assert cfg.name == "fsdp2" and cfg.offload is name.endswith("offload")
+    s = build_strategy(cfg, "bf16-mixed")
+    assert isinstance(s, ModelParallelStrategy) and (s.dp_replicate, s.cp) == (2, 2)
+    plan = parallel_config(cfg, "bf16-mixed", True, 2, False)
+    assert (plan.param_dtype, plan.activation_checkpointing, plan.ac_every, plan.offload) == (
+        "bf16",
+        True,
+        2,
+        cfg.offload,
+    )
+    assert parallel_config(cfg, "32-true", False, 1, False).param_dtype == "fp32"
 
 
-def test_fsdp_clips_gradients_through_the_root_module(compose):
-    s = build_strategy(strategy_cfg(compose, "fsdp"), "bf16-mixed")
-    calls = []
+def test_fsdp1_is_retired_with_a_pointer(compose):
+    with pytest.raises(ValueError, match="retired: use strategy=fsdp2"):
+        build_strategy(StrategyConfig(name="fsdp"))
+    with pytest.raises(ValueError, match="need strategy=fsdp2"):
+        build_strategy(strategy_cfg(compose, "ddp", "strategy.cp=2"))
 
-    class Root(torch.nn.Module):
-        def clip_grad_norm_(self, max_norm):
-            calls.append(max_norm)
 
-    with pytest.raises(RuntimeError, match="before the model was wrapped"):
-        s.precision_plugin.clip_grad_by_norm(None, 1.0)
-    s.precision_plugin.root = Root()  # set by MagiFSDPStrategy._setup_model after wrapping
-    s.precision_plugin.clip_gradients(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))]), 0.5, "norm")
-    assert calls == [0.5]
+def test_context_parallel_needs_divisible_heads():
+    from magi_train.models.parallelize import check_context_parallel
+
+    tiny = MODEL_CONFIGS["tiny"]  # 4 query heads, 2 KV heads
+    for cp in (1, 2, 4):
+        check_context_parallel(tiny, cp)  # 4 KV-replicated ranks are fine
+    with pytest.raises(ValueError, match="choose cp among"):
+        check_context_parallel(tiny, 3)
 
 
 @pytest.mark.parametrize(
@@ -124,8 +127,6 @@ def test_bad_strategy_settings_are_clear_errors(compose):
         build_strategy(strategy_cfg(compose, "ddp", "strategy.offload=true"))
     with pytest.raises(ValueError, match="use one of"):
         build_strategy(strategy_cfg(compose, "ddp", "strategy.name=zero9"))
-    with pytest.raises(ValueError, match="sharding_strategy"):
-        build_strategy(strategy_cfg(compose, "fsdp", "strategy.sharding_strategy=HALF"))
     if _has_deepspeed():
         with pytest.raises(ValueError, match="bf16-mixed"):
             build_strategy(strategy_cfg(compose, "deepspeed_stage_3"), "bf16-true")
@@ -259,7 +260,7 @@ def test_consolidate_fsdp_sharded_checkpoint(tmp_path):
     load_released(loaded, consolidate(path, tmp_path / "released"))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0, msg=k)
-    with pytest.raises(ValueError, match="sharded dcp checkpoint"):
+    with pytest.raises(ValueError, match="holds no EMA weights"):
         read_dit_state(path, "ema")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="none of the known kinds"):

@@ -1,82 +1,77 @@
-"""The DMD-2 toy proof (issue 4 item 5): the library's DMD-2 functions distil a 2-D mixture teacher into a
-4-step student that meets the acceptance bounds, and two negative controls do not."""
+"""The DMD-2 toy (issue 12): the library's DMD-2 functions distil a guided mixture teacher (the `shared` spec: unequal
+and shared modes, a 1-D audio partner set by the video mode) with the production schedule (8 steps, shift 5,
+per-sample per-modality normaliser, TTUR 5, backward simulation), scored against the guided teacher's 200-step
+ODE by the bounds of `toy/metrics.py`; each negative control fails a bound that the student meets.
+
+One module fixture trains the teacher and every configuration once (CI length: 2000 iterations, batch 256)."""
+
+from dataclasses import replace
 
 import pytest
 import torch
 
 from magi_train.flow import dmd
-from magi_train.tools.toy.distill import (
-    DistillConfig,
-    TeacherConfig,
-    ToyMLP,
-    distill,
-    renoise_sample,
-    toy_noise,
-    train_teacher,
-)
-from magi_train.tools.toy.gmm import balanced_labels
-from magi_train.tools.toy.metrics import evaluate, passes
+from magi_train.tools.toy.distill import DistillConfig, TeacherConfig, ToyMLP, distill, train_teacher
+from magi_train.tools.toy.gmm import shared_spec
+from magi_train.tools.toy.study import make_bench, run
 
-NUM_EVAL = 2000
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # one_thread: tests/conftest.py
 
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+CI = dict(iters=2000, batch=256)  # CI length; docs/dmd2_toy.md has the longer study
+CONTROLS = {
+    "sign of g flipped": dict(flip_sign=True),
+    "frozen critic": dict(train_critic=False),
+    "critic with an x0 target": dict(critic_target="x0"),
+    "no backward simulation": dict(backward_simulation=False),
+}
 
 
 @pytest.fixture(scope="module")
-def teacher_2d() -> ToyMLP:
-    return train_teacher(TeacherConfig(), joint=False)
+def toy():
+    """{name: (stats, failed bound names, history)} of the student and the controls at w = 1."""
+    torch.set_num_threads(1)
+    spec = shared_spec()
+    teacher = train_teacher(spec, TeacherConfig(steps=3000))
+    bench = make_bench(spec, teacher, None, num_eval=2000)
+    base = DistillConfig(**CI)
+    out = {"teacher N-step": (bench.baseline, [], {})}
+    for name, over in {"student": {}, **CONTROLS}.items():
+        stats, bs, history = run(bench, replace(base, **over))
+        out[name] = (stats, [b.name for b in bs if not b.ok], history)
+        print(name, {k: round(v, 4) for k, v in stats.items()}, "fails", out[name][1])
+    return out
 
 
-@pytest.fixture(scope="module")
-def teacher_joint() -> ToyMLP:
-    return train_teacher(TeacherConfig(), joint=True)
-
-
-def _metrics(model: ToyMLP, num_steps: int, seed: int = 100) -> dict[str, dict[str, float]]:
-    """Metrics of the model's own few-step re-noising sampler (the distilled sampler)."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = balanced_labels(NUM_EVAL)
-    joint = len(model.dims) > 1
-    samples = renoise_sample(model, toy_noise(NUM_EVAL, joint, gen), labels, num_steps, generator=gen)
-    return evaluate(samples, labels)
-
-
-def test_four_step_student_meets_the_bounds(teacher_2d):
-    baseline = _metrics(teacher_2d, 4)["2d"]
-    assert not passes(baseline, 8), f"the teacher's own 4-step sampler already passes: {baseline}"
-    student, history = distill(teacher_2d, DistillConfig())
-    stats = _metrics(student, 4)["2d"]
-    print("teacher 4-step", baseline, "\nstudent 4-step", stats)
-    assert stats["modes"] == 8
-    assert stats["in_3std"] >= 0.95
-    assert stats["std"] <= 0.15
-    assert stats["class_acc"] >= 0.99
-    assert stats["in_3std"] > baseline["in_3std"] and stats["std"] < baseline["std"]
+def test_student_beats_its_initialisation(toy):
+    """The student starts as the teacher, whose 8-step sampler blurs modes into point masses (std_ratio ~0.2):
+    DMD-2 must restore the within-mode spread and keep the audio coupled."""
+    stats, fails, history = toy["student"]
+    init = toy["teacher N-step"][0]
+    assert stats["std_ratio_video"] > init["std_ratio_video"] + 0.1
+    assert {"joint_ratio", "std_ratio_audio"}.isdisjoint(fails), fails
     assert all(torch.isfinite(torch.tensor(history["dmd"])))
 
 
-@pytest.mark.parametrize("control", ["flip_sign", "frozen_critic"])
-def test_negative_controls_fail_the_bounds(teacher_2d, control):
-    cfg = DistillConfig(flip_sign=True) if control == "flip_sign" else DistillConfig(train_critic=False)
-    student, history = distill(teacher_2d, cfg)
-    stats = _metrics(student, 4)["2d"]
-    print(control, stats)
-    assert not passes(stats, 8), f"negative control {control} passes the bounds: {stats}"
-    if control == "frozen_critic":  # critic = teacher for ever: the DMD direction is exactly 0
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 12: at CI length the production-schedule student misses mode_tv, "
+    "std_ratio_video and the distance bounds; docs/dmd2_toy.md, study",
+)
+def test_student_meets_every_bound(toy):
+    assert toy["student"][1] == []
+
+
+@pytest.mark.parametrize("control", list(CONTROLS))
+def test_control_fails_a_bound(toy, control):
+    stats, fails, history = toy[control]
+    assert fails, f"negative control {control} meets every bound: {stats}"
+    if control in ("sign of g flipped", "critic with an x0 target"):  # fail bounds the student meets too
+        assert {"joint_ratio", "std_ratio_audio"} <= set(fails) - set(toy["student"][1]), fails
+    if (
+        control == "frozen critic"
+    ):  # critic = teacher for ever: the DMD direction is exactly 0, student = teacher
         assert max(history["g_abs"]) == 0.0 and not history["critic"]
-
-
-def test_two_modality_variant_meets_the_bounds_on_both_parts(teacher_joint):
-    student, _ = distill(teacher_joint, DistillConfig())
-    stats = _metrics(student, 4)
-    print("joint student 4-step", stats)
-    for part, num_modes in (("2d", 8), ("1d", 4)):
-        s = stats[part]
-        assert (
-            s["modes"] == num_modes and s["in_3std"] >= 0.95 and s["std"] <= 0.15 and s["class_acc"] >= 0.99
-        ), (part, s)
-    assert stats["1d"]["joint_acc"] >= 0.99  # the 1-D value belongs to the 2-D mode it was generated with
+        assert {"std_ratio_video", "mode_tv"} <= set(fails)
 
 
 def test_the_toy_runs_the_library_functions(monkeypatch):
@@ -103,52 +98,17 @@ def test_the_toy_runs_the_library_functions(monkeypatch):
         "sample_score_sigma",
         "sample_step_index",
         "shared_generator",
+        "sample_gan_sigma",
+        "diffusion_gan_inputs",
     ):
         counting(name)
-    teacher = ToyMLP((2, 1), hidden=16, depth=2).requires_grad_(False)
-    distill(teacher, DistillConfig(iters=10, batch=8))
+    spec = shared_spec()
+    teacher = ToyMLP(spec.dims, spec.num_classes, hidden=16, depth=2).requires_grad_(False)
+    cfg = DistillConfig(iters=10, batch=8, gan_generator_weight=1e-2, gan_critic_weight=1e-2)
+    distill(teacher, spec, cfg)
     assert (
         calls["dmd_generator_loss"] == calls["dmd_gradient"] == calls["dmd_loss"] == calls["teacher_x0"] == 2
     )
     assert calls["critic_loss"] == calls["simulate_to_step"] == calls["sample_step_index"] == 10
     assert calls["sample_score_sigma"] == 12  # an independent draw for every critic step and DMD step
-
-
-def test_command_writes_the_table_and_the_plot(tmp_path):
-    pytest.importorskip("matplotlib")
-    from magi_train.tools.toy.__main__ import main
-
-    rows = main(
-        [
-            "--out",
-            str(tmp_path),
-            "--teacher-steps",
-            "20",
-            "--iters",
-            "10",
-            "--one-step-iters",
-            "5",
-            "--num-eval",
-            "64",
-        ]
-    )
-    runs = {r["run"] for r in rows}
-    assert {
-        "teacher 100-step ODE (2nd draw)",
-        "teacher 4-step",
-        "student 4-step",
-        "student 1-step",
-        "control: sign of g flipped",
-        "control: frozen critic",
-    } <= runs
-    assert {(r["variant"], r["part"]) for r in rows} == {
-        ("2-D", "2d"),
-        ("2-D + 1-D", "2d"),
-        ("2-D + 1-D", "1d"),
-    }
-    table = (tmp_path / "table.md").read_text()
-    assert table.count("\n") == len(rows) + 2 and "| in_3std |" in table
-    assert (tmp_path / "metrics.json").stat().st_size > 0
-    assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path), "--num-eval", "4"])
+    assert calls["sample_gan_sigma"] == 12 and calls["diffusion_gan_inputs"] == 10

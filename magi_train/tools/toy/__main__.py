@@ -1,207 +1,167 @@
-"""`python -m magi_train.tools.toy --out DIR`: the DMD-2 (arXiv 2405.14867) toy proof on CPU - teacher, 4-step and
-1-step students, negative controls, one- and two-modality variants; prints a table, saves a PNG."""
+"""`python -m magi_train.tools.toy --out DIR`: the DMD-2 (arXiv 2405.14867) toy study of issue 12 on CPU - for each data
+spec, guidance setting and seed: the guided teacher's reference, its own N-step samplers, and DMD-2 students
+(production schedule and study variants) scored by the bounds of toy/metrics.py; writes table.md (mean and spread
+over seeds), metrics.json and samples.png."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from magi_train.flow.sampling import Guidance
 from magi_train.tools.toy.distill import (
     DistillConfig,
     TeacherConfig,
-    ToyMLP,
     distill,
-    euler_sample,
     renoise_sample,
     toy_noise,
     train_teacher,
 )
-from magi_train.tools.toy.gmm import balanced_labels
-from magi_train.tools.toy.metrics import evaluate, passes
+from magi_train.tools.toy.gmm import SPECS, get_spec
+from magi_train.tools.toy.study import check, make_bench, score
 from magi_train.utils.fileio import atomic_file, atomic_write
 
-# the 1-step generator has no later step to correct it: more iterations and a faster generator (spec §9: 15k)
-ONE_STEP = {"num_steps": 1, "iters": 4000, "lr_gen": 5e-4}
-COLUMNS = [
-    "variant",
-    "part",
-    "run",
-    "pass",
-    "modes",
-    "in_3std",
-    "std",
-    "std_max",
-    "radial_bias",
-    "tangential_std",
-    "class_acc",
-    "joint_acc",
-    "mmd2",
-    "sw1",
-    "train_s",
-]
+GUIDANCE = {"w1": None, "w3": 3.0, "prod": Guidance()}  # prod = the recipe's default: video 5 / 2, audio 5
+# study rows: name -> DistillConfig overrides (on top of the production defaults and --iters)
+VARIANTS = {
+    "student": {},
+    "student 3x iterations": {"iters": 3},  # multiplier, see _config
+    "student + GAN (DMD2)": {"gan_generator_weight": 5e-2, "gan_critic_weight": 1e-1},
+    "student, score shift 1": {"score_shift": 1.0},
+    "student, score sigma <= 0.8": {"score_high": 0.8},
+    "control: sign of g flipped": {"flip_sign": True},
+    "control: frozen critic": {"train_critic": False},
+    "control: critic x0 target": {"critic_target": "x0"},
+    "control: CFG on the fake score": {"fake_guidance": True},
+    "control: no backward simulation": {"backward_simulation": False},
+}
+KEYS = ("fails", "mode_tv", "std_ratio_video", "std_ratio_audio", "joint_ratio", "mmd2_joint", "sw1_joint")
 
 
-def run_variant(joint: bool, args: argparse.Namespace) -> tuple[list[dict], dict[str, list[torch.Tensor]]]:
-    """Train the teacher and the students of one variant; return table rows and the samples to plot."""
-    name = "2-D + 1-D" if joint else "2-D"
-    t0 = time.perf_counter()
-    teacher = train_teacher(replace(TeacherConfig(), steps=args.teacher_steps, seed=args.seed), joint=joint)
-    teacher_s = time.perf_counter() - t0
-    print(f"[{name}] teacher: {args.teacher_steps} steps in {teacher_s:.0f}s", flush=True)
-    gen = torch.Generator().manual_seed(args.seed + 100)
-    labels = balanced_labels(args.num_eval)
-    reference = euler_sample(teacher, toy_noise(args.num_eval, joint, gen), labels)  # 100-step ODE, w = 1
-
-    base = DistillConfig(iters=args.iters, seed=args.seed)
-    students = [
-        ("student 4-step", base),
-        ("student 1-step", replace(base, **{**ONE_STEP, "iters": args.one_step_iters})),
-    ]
-    if not joint and args.controls:
-        students += [
-            ("student 4-step, per-sample normaliser", replace(base, normalizer="per_sample")),
-            ("control: sign of g flipped", replace(base, flip_sign=True)),
-            ("control: frozen critic", replace(base, train_critic=False)),
-        ]
-    runs: list[tuple[str, ToyMLP, int | None, float]] = [
-        ("teacher 100-step ODE (2nd draw)", teacher, None, teacher_s),
-        ("teacher 4-step", teacher, 4, teacher_s),
-        ("teacher 1-step", teacher, 1, teacher_s),
-    ]
-    for label, cfg in students:
-        t0 = time.perf_counter()
-        student, _ = distill(teacher, cfg)
-        runs.append((label, student, cfg.num_steps, time.perf_counter() - t0))
-        print(f"[{name}] {label}: {cfg.iters} iterations in {runs[-1][3]:.0f}s", flush=True)
-
-    rows, plots = [], {}
-    for label, model, steps, seconds in runs:
-        noise = toy_noise(args.num_eval, joint, gen)
-        if steps is None:
-            samples = euler_sample(model, noise, labels)
-        else:
-            samples = renoise_sample(model, noise, labels, steps, generator=gen)
-        plots[label] = samples
-        for part, stats in evaluate(samples, labels, reference).items():
-            ok = passes(stats, 8 if part == "2d" else 4)
-            rows.append(
-                {
-                    "variant": name,
-                    "part": part,
-                    "run": label,
-                    "pass": "yes" if ok else "no",
-                    "train_s": round(seconds),
-                    **stats,
-                }
-            )
-    return rows, plots
+def _config(name: str, guidance, iters: int, seed: int) -> DistillConfig:
+    over = dict(VARIANTS[name])
+    if "iters" in over:
+        over["iters"] = over["iters"] * iters
+    return replace(DistillConfig(iters=iters, guidance=guidance, seed=seed), **over)
 
 
-def format_table(rows: list[dict]) -> str:
-    """Markdown table of the metric rows."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        cells = []
-        for c in COLUMNS:
-            v = r.get(c, "")
-            cells.append(
-                f"{v:.3g}"
-                if isinstance(v, float) and abs(v) >= 1e3
-                else f"{v:.3f}"
-                if isinstance(v, float)
-                else str(v)
-            )
-        lines.append("| " + " | ".join(cells) + " |")
+def _fmt(values: list[float]) -> str:
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < len(values):
+        return "inf"
+    mean = sum(finite) / len(finite)
+    spread = (sum((v - mean) ** 2 for v in finite) / max(len(finite) - 1, 1)) ** 0.5
+    return f"{mean:.3f} ± {spread:.3f}" if len(finite) > 1 else f"{mean:.3f}"
+
+
+def format_table(results: dict[tuple[str, str, str], list[dict]]) -> str:
+    """Markdown: one row per (spec, guidance, run), mean ± std over seeds of the key metrics."""
+    lines = ["| spec | guidance | run | seeds | " + " | ".join(KEYS) + " |", "|" + "---|" * (4 + len(KEYS))]
+    for (spec, guidance, name), rows in results.items():
+        cells = [_fmt([float(r[k]) for r in rows]) if all(k in r for r in rows) else "" for k in KEYS]
+        lines.append(f"| {spec} | {guidance} | {name} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(plots: dict[str, dict[str, list[torch.Tensor]]], path: Path, labels: torch.Tensor) -> None:
-    """Scatter of the 2-D samples per run (colour = class; two-modality variant: colour = the 1-D value)."""
+def plot(samples: dict[str, list[torch.Tensor]], path: Path) -> None:
+    """Scatter of the video samples per run, coloured by the audio value."""
     import matplotlib  # optional: magi_train[dev]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ncol = max(len(p) for p in plots.values())
-    fig, axes = plt.subplots(len(plots), ncol, figsize=(1.9 * ncol, 2.1 * len(plots)), squeeze=False)
-    for row, (variant, runs) in enumerate(plots.items()):
-        for col in range(ncol):
-            ax = axes[row][col]
-            ax.set_xticks([]), ax.set_yticks([])
-            if col >= len(runs):
-                ax.axis("off")
-                continue
-            title, samples = list(runs.items())[col]
-            outside = float((samples[0].abs() > 3).any(dim=1).double().mean())
-            if outside > 0.5:
-                ax.text(
-                    0.5,
-                    0.5,
-                    f"diverged:\n{outside:.0%} outside the view",
-                    ha="center",
-                    va="center",
-                    transform=ax.transAxes,
-                    fontsize=6,
-                )
-            x = samples[0].clamp(-3, 3).numpy()
-            if len(samples) > 1:
-                c, cmap, vmin, vmax = samples[1][:, 0].clamp(-2, 2).numpy(), "coolwarm", -2, 2
-            else:
-                c, cmap, vmin, vmax = labels.numpy(), "tab10", 0, 9
-            ax.scatter(x[:, 0], x[:, 1], c=c, cmap=cmap, vmin=vmin, vmax=vmax, s=0.3, rasterized=True)
-            ax.set_xlim(-3, 3), ax.set_ylim(-3, 3), ax.set_aspect("equal")
-            ax.set_title(
-                f"{variant}: {title}".replace(", ", ",\n").replace("control: ", "control:\n"), fontsize=6
-            )
+    ncol = 4
+    nrow = math.ceil(len(samples) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.2 * ncol, 2.3 * nrow), squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([]), ax.axis("off")
+    for ax, (title, xs) in zip(axes.flat, samples.items(), strict=False):
+        ax.axis("on")
+        x = xs[0].clamp(-3, 3).numpy()
+        c = xs[1][:, 0].clamp(-2, 2).numpy() if len(xs) > 1 else None
+        ax.scatter(x[:, 0], x[:, 1], c=c, cmap="coolwarm", vmin=-2, vmax=2, s=0.3, rasterized=True)
+        ax.set_xlim(-2.6, 2.6), ax.set_ylim(-2.6, 2.6), ax.set_aspect("equal")
+        ax.set_title(title.replace(": ", ":\n", 1), fontsize=6)
     fig.tight_layout()
-    atomic_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    atomic_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m magi_train.tools.toy", description=__doc__)
     parser.add_argument(
         "--out", type=Path, required=True, help="directory for table.md, metrics.json, samples.png"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--specs", nargs="+", default=["shared"], choices=sorted(SPECS))
+    parser.add_argument("--guidance", nargs="+", default=["w1", "w3", "prod"], choices=sorted(GUIDANCE))
+    parser.add_argument("--runs", nargs="+", default=["student"], choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=8, help="student (and baseline) steps; shift 5")
+    parser.add_argument("--iters", type=int, default=DistillConfig.iters)
     parser.add_argument("--teacher-steps", type=int, default=TeacherConfig.steps)
-    parser.add_argument(
-        "--iters", type=int, default=DistillConfig.iters, help="critic iterations, 4-step student"
-    )
-    parser.add_argument("--one-step-iters", type=int, default=ONE_STEP["iters"])
-    parser.add_argument("--num-eval", type=int, default=2000)
-    parser.add_argument(
-        "--no-controls",
-        dest="controls",
-        action="store_false",
-        help="skip the negative controls and the normaliser ablation",
-    )
+    parser.add_argument("--num-eval", type=int, default=3000)
     parser.add_argument("--no-plot", dest="plot", action="store_false")
     args = parser.parse_args(argv)
-    if min(args.teacher_steps, args.iters, args.one_step_iters) < 0 or args.num_eval < 16:
-        parser.error("step counts must be >= 0 and --num-eval >= 16")
+    if min(args.iters, args.teacher_steps) < 0 or args.num_eval < 16 or args.steps < 1:
+        parser.error("step counts must be >= 0, --steps >= 1 and --num-eval >= 16")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # tiny MLPs: extra intra-op threads only add overhead (and spin on shared cores)
+    results: dict[tuple[str, str, str], list[dict]] = {}
+    samples: dict[str, list[torch.Tensor]] = {}
     t0 = time.perf_counter()
-    rows, plots = [], {}
-    for joint in (False, True):
-        r, p = run_variant(joint, args)
-        rows += r
-        plots["2-D + 1-D" if joint else "2-D"] = p
-    table = format_table(rows)
+    for spec_name in args.specs:
+        spec = get_spec(spec_name)
+        for seed in args.seeds:
+            teacher = train_teacher(spec, replace(TeacherConfig(), steps=args.teacher_steps, seed=seed))
+            for g_name in args.guidance:
+                guidance = GUIDANCE[g_name]
+                bench = make_bench(
+                    spec, teacher, guidance, args.steps, num_eval=args.num_eval, seed=100 + seed
+                )
+                for name, row in bench.rows.items():
+                    fails = (
+                        [b.name for b in check(bench, row) if not b.ok]
+                        if name != "teacher N-step re-noise"
+                        else []
+                    )
+                    results.setdefault((spec_name, g_name, name), []).append({**row, "fails": len(fails)})
+                if seed == args.seeds[0]:
+                    samples[f"{spec_name} {g_name}: reference ODE"] = bench.reference
+                for name in args.runs:
+                    cfg = _config(name, guidance, args.iters, seed)
+                    t1 = time.perf_counter()
+                    student, _ = distill(teacher, spec, cfg)
+                    stats = score(bench, student)
+                    fails = [b.name for b in check(bench, stats) if not b.ok]
+                    results.setdefault((spec_name, g_name, name), []).append(
+                        {**stats, "fails": len(fails), "failed": fails, "train_s": time.perf_counter() - t1}
+                    )
+                    print(
+                        f"[{spec_name} {g_name} seed {seed}] {name}: fails {fails} ({time.perf_counter() - t1:.0f}s)",
+                        flush=True,
+                    )
+                    if seed == args.seeds[0]:
+                        gen = torch.Generator().manual_seed(0)
+                        noise = toy_noise(spec, args.num_eval, gen)
+                        samples[f"{spec_name} {g_name}: {name}"] = renoise_sample(
+                            student, noise, bench.labels, args.steps, 5.0, gen
+                        )
+    table = format_table(results)
     print(table)
     print(f"total {time.perf_counter() - t0:.0f}s")
     atomic_write(args.out / "table.md", table + "\n")
-    atomic_write(args.out / "metrics.json", json.dumps(rows, indent=1))
+    flat = [{"spec": k[0], "guidance": k[1], "run": k[2], "seeds": v} for k, v in results.items()]
+    atomic_write(args.out / "metrics.json", json.dumps(flat, indent=1))
     if args.plot:
-        plot(plots, args.out / "samples.png", balanced_labels(args.num_eval))
+        plot(samples, args.out / "samples.png")
         print(f"wrote {args.out / 'samples.png'}")
-    return rows
+    return results
 
 
 if __name__ == "__main__":

@@ -1,70 +1,142 @@
-"""Toy data for checking DMD-2 (arXiv 2405.14867) on CPU: a class-conditional ring of 8 Gaussians in 2-D and
-a jointly generated 1-D mixture, the toy stand-in for video + audio (spec/dmd2.md §9)."""
+"""Toy data for checking DMD-2 (arXiv 2405.14867) on CPU: class-conditional Gaussian mixtures given by a data
+spec - "video" mode centres in any dimension, class -> mode weights (unequal, modes shared between classes) and
+an optional "audio" partner whose centre is a function of the video mode (spec/dmd2.md §9)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-NUM_MODES = 8
-NUM_CLASSES = 4  # class c owns the opposite modes c and c + 4
-NULL_CLASS = NUM_CLASSES  # label of the unconditional branch (label dropout / CFG)
-RADIUS = 2.0
-STD = 0.1
-CENTRES_1D = (-1.5, -0.5, 0.5, 1.5)
 
+@dataclass(frozen=True)
+class DataSpec:
+    """A class-conditional mixture: video x_v ~ N(centres[j], std^2 I) with mode j ~ class_weights[c], and an
+    optional audio partner x_a ~ N(audio_centres[j], audio_std^2 I) generated jointly with the video mode.
 
-def centres_2d() -> Tensor:
-    """The 8 mode centres [8, 2] on a circle of radius 2, mode j at angle 2 pi j / 8."""
-    angle = 2 * math.pi * torch.arange(NUM_MODES) / NUM_MODES
-    return RADIUS * torch.stack([angle.cos(), angle.sin()], dim=1)
-
-
-def centres_1d() -> Tensor:
-    """The 4 centres [4, 1] of the 1-D part."""
-    return torch.tensor(CENTRES_1D).unsqueeze(1)
-
-
-def mode_class(mode: Tensor) -> Tensor:
-    """Class owning each 2-D mode (j mod 4)."""
-    return mode % NUM_CLASSES
-
-
-def mode_to_1d(mode: Tensor) -> Tensor:
-    """Index of the 1-D centre tied to each 2-D mode: 2 (j mod 2) + j // 4.
-
-    The two (opposite) modes of a class get two different, adjacent 1-D centres, so the 1-D value can only
-    be right if it is generated jointly with the 2-D point; classes 0, 2 own centres -1.5, -0.5 and classes
-    1, 3 own 0.5, 1.5. Adjacent on purpose: a sample that hedges between its class's two modes lands between
-    its own centres (caught by "in 3 std"), not on another class's centre.
+    `audio_centres[j]` may repeat across modes (several video modes share one audio centre); the audio
+    "modes" of the metrics are the distinct rows. The null class (label `num_classes`) is the CFG branch.
     """
-    return 2 * (mode % 2) + mode // NUM_CLASSES
+
+    name: str
+    centres: Tensor  # [M, d] video mode centres
+    class_weights: Tensor  # [C, M], each row sums to 1
+    std: float = 0.1
+    audio_centres: Tensor | None = None  # [M, d_a]: centre of the audio partner of each video mode
+    audio_std: float = 0.1
+
+    def __post_init__(self) -> None:
+        m = self.centres.shape[0]
+        if self.centres.dim() != 2 or self.class_weights.dim() != 2 or self.class_weights.shape[1] != m:
+            raise ValueError(
+                f"spec {self.name}: centres [M, d] and class_weights [C, M] disagree: "
+                f"{tuple(self.centres.shape)} vs {tuple(self.class_weights.shape)}"
+            )
+        if (self.class_weights < 0).any() or not torch.allclose(
+            self.class_weights.sum(1), torch.ones(len(self.class_weights))
+        ):
+            raise ValueError(f"spec {self.name}: every class's mode weights must be >= 0 and sum to 1")
+        if self.audio_centres is not None and self.audio_centres.shape[0] != m:
+            raise ValueError(f"spec {self.name}: audio_centres needs one row per video mode ({m})")
+
+    @property
+    def num_modes(self) -> int:
+        return self.centres.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.class_weights.shape[0]
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    @property
+    def joint(self) -> bool:
+        return self.audio_centres is not None
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """Width of each modality: (d,) or (d, d_a)."""
+        video = (self.centres.shape[1],)
+        return video + ((self.audio_centres.shape[1],) if self.audio_centres is not None else ())
+
+    @property
+    def stds(self) -> tuple[float, ...]:
+        return (self.std, self.audio_std)[: len(self.dims)]
+
+    def audio_modes(self) -> tuple[Tensor, Tensor]:
+        """(distinct audio centres [K, d_a], index of the audio centre of each video mode [M])."""
+        assert self.audio_centres is not None
+        unique, index = torch.unique(self.audio_centres, dim=0, return_inverse=True)
+        return unique, index
+
+    def mode_centres(self) -> list[Tensor]:
+        """The centres the metrics assign samples to, per modality."""
+        return [self.centres] + ([self.audio_modes()[0]] if self.joint else [])
 
 
-def class_1d_centres(label: Tensor) -> Tensor:
-    """[N, 2] indices of the 1-D centres a class can produce (those of its modes c and c + 4)."""
-    return torch.stack([mode_to_1d(label), mode_to_1d(label + NUM_CLASSES)], dim=1)
+def ring_spec() -> DataSpec:
+    """The first toy: 8 modes on a circle of radius 2 (std 0.1), class c owns the opposite modes c and c + 4
+    equally; audio partner at -1.5, -0.5, 0.5, 1.5 with mode j -> centre 2 (j mod 2) + j // 4, so a class's two
+    modes get two adjacent audio centres (a sample hedging between its modes lands between them)."""
+    angle = 2 * math.pi * torch.arange(8) / 8
+    centres = 2.0 * torch.stack([angle.cos(), angle.sin()], dim=1)
+    weights = torch.zeros(4, 8)
+    for c in range(4):
+        weights[c, c] = weights[c, c + 4] = 0.5
+    j = torch.arange(8)
+    audio = torch.tensor([-1.5, -0.5, 0.5, 1.5])[2 * (j % 2) + j // 4].unsqueeze(1)
+    return DataSpec("ring", centres, weights, 0.1, audio, 0.1)
 
 
-def balanced_labels(n: int) -> Tensor:
-    """Labels 0, 1, 2, 3, 0, 1, ... (equal class counts for evaluation)."""
-    return torch.arange(n) % NUM_CLASSES
+def shared_spec() -> DataSpec:
+    """Unequal and shared modes: 5 modes on a pentagon of radius 1.5 (std 0.12), 3 classes,
+    class 0 = {0: 0.7, 1: 0.3}, class 1 = {1: 0.5, 2: 0.25, 3: 0.25}, class 2 = {3: 0.2, 4: 0.8} (modes 1
+    and 3 are shared), and a 1-D audio partner at -1.6, -0.8, 0, 0.8, 1.6 (std 0.1) set by the video mode."""
+    angle = 2 * math.pi * torch.arange(5) / 5 + math.pi / 2
+    centres = 1.5 * torch.stack([angle.cos(), angle.sin()], dim=1)
+    weights = torch.tensor(
+        [
+            [0.7, 0.3, 0.0, 0.0, 0.0],
+            [0.0, 0.5, 0.25, 0.25, 0.0],
+            [0.0, 0.0, 0.0, 0.2, 0.8],
+        ]
+    )
+    audio = torch.tensor([-1.6, -0.8, 0.0, 0.8, 1.6]).unsqueeze(1)
+    return DataSpec("shared", centres, weights, 0.12, audio, 0.1)
+
+
+SPECS = {"ring": ring_spec, "shared": shared_spec}
+
+
+def get_spec(name: str) -> DataSpec:
+    if name not in SPECS:
+        raise ValueError(f"unknown toy data spec {name!r}: use one of {sorted(SPECS)}")
+    return SPECS[name]()
+
+
+def balanced_labels(n: int, num_classes: int) -> Tensor:
+    """Labels 0, 1, ..., C-1, 0, 1, ... (equal class counts for evaluation)."""
+    return torch.arange(n) % num_classes
 
 
 def sample_data(
-    labels: Tensor, joint: bool = False, generator: torch.Generator | None = None
+    spec: DataSpec, labels: Tensor, generator: torch.Generator | None = None
 ) -> tuple[list[Tensor], Tensor]:
-    """Data for the given class labels [N]: ([x2 [N, 2]] or [x2, x1 [N, 1]], mode [N]).
-
-    Each sample picks one of its class's two modes uniformly; the 1-D value sits at the centre tied to
-    that mode, both with std 0.1.
-    """
+    """Data for class labels [N]: ([video [N, d]] or [video, audio [N, d_a]], video mode [N])."""
     n = labels.shape[0]
-    mode = labels + NUM_CLASSES * torch.randint(2, (n,), generator=generator)
-    x2 = centres_2d()[mode] + STD * torch.randn(n, 2, generator=generator)
-    if not joint:
-        return [x2], mode
-    x1 = centres_1d()[mode_to_1d(mode)] + STD * torch.randn(n, 1, generator=generator)
-    return [x2, x1], mode
+    mode = torch.multinomial(spec.class_weights[labels], 1, generator=generator).squeeze(1)
+    video = spec.centres[mode] + spec.std * torch.randn(n, spec.centres.shape[1], generator=generator)
+    if not spec.joint:
+        return [video], mode
+    audio_c = spec.audio_centres[mode]
+    audio = audio_c + spec.audio_std * torch.randn(audio_c.shape, generator=generator)
+    return [video, audio], mode
+
+
+def video_only(spec: DataSpec) -> DataSpec:
+    """The same spec without its audio partner."""
+    return DataSpec(spec.name + "-video", spec.centres, spec.class_weights, spec.std)
