@@ -105,6 +105,15 @@ def test_shards_merge_into_the_report_of_an_unsplit_run(fake_generator, tmp_path
     ] == [] and not fake_generator  # nothing sampled or loaded
     assert merged["cache"]["scores_reused"] == 10 and merged["cache"]["scores_computed"] == 0
     for m_whole, m_merged in zip(whole["models"], merged["models"], strict=True):
-        assert m_merged["columns"] == m_whole["columns"]
+        # the same clips and counts; scores to float32 rounding (the scorer batches clips differently per shard)
+        assert m_merged["columns"].keys() == m_whole["columns"].keys()
+        for name, col in m_whole["columns"].items():
+            other = m_merged["columns"][name]
+            assert other.keys() == col.keys() and other.get("n") == col.get("n"), name
+            for key, value in col.items():
+                if isinstance(value, float):
+                    assert other[key] == pytest.approx(value, rel=1e-4), (name, key)
+                else:
+                    assert other[key] == value, (name, key)
     with pytest.raises(ValueError, match="shard_index must be in"):
         runner.run_evaluate(_cfg(num_shards=2, shard_index=2), GenerateConfig(), split)

@@ -91,9 +91,13 @@ def teacher(tmp_path_factory) -> Path:
     return run_dir / "checkpoints" / "last.ckpt"
 
 
+# DMD-2 on DDP ranks is left out for CI time: FSDP2 covers multi-rank DMD-2 (sharded roles, per-rank streams) and DDP
+# multi-rank resume is shown by pretraining
+CASES = [(r, layout) for r in LOSS for layout in LAYOUTS if (r, layout) != ("dmd2_distill", "2 ddp ranks")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("recipe", list(LOSS))
+@pytest.mark.parametrize(("recipe", "layout"), CASES)
 def test_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path, teacher, recipe, layout):
     overrides = [f"recipe={recipe}", *COMMON, *LAYOUTS[layout]]
     if recipe == "dmd2_distill":
