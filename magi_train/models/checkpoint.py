@@ -425,14 +425,7 @@ def export_released(
     (filled in state_dict order) plus `model.safetensors.index.json`. Written to a temporary directory
     next to out_dir and renamed at the end (`atomic_dir`), so out_dir never holds a partial checkpoint.
     """
-    if dtype_policy not in DTYPE_POLICIES:
-        raise ValueError(f"dtype_policy must be one of {DTYPE_POLICIES}, got {dtype_policy!r}")
-    if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
-
-    state = model.state_dict()
+    state = model.state_dict()  # policy, shard size and out_dir are checked by export_tensors
     meta = [k for k, t in state.items() if t.is_meta]
     if meta:
         raise ValueError(f"cannot export tensors on the meta device: {_short_list(meta)}")

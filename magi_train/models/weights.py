@@ -292,24 +292,10 @@ def dcp_task_prefix(path: Path, weights: str) -> tuple[str, str]:
 
 
 def _read_dcp(path: Path, weights: str = "auto") -> tuple[dict[str, Tensor], dict | None, str]:
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    prefix, which = dcp_task_prefix(path, weights)
-    entry, sub = prefix.split(".", 1)
-    loaded: dict[str, Any] = {}
-    # Only the module entry: the optimizer states beside it are twice as large and not needed here.
-    _load_state_dict(
-        loaded,
-        storage_reader=FileSystemReader(path),
-        planner=_EmptyStateDictLoadPlanner(keys={entry}),
-        no_dist=True,
-    )
-    state = {k.removeprefix(sub): v for k, v in loaded[entry].items() if k.startswith(sub)}
-    meta_file = path / _DCP_META
-    meta = torch.load(meta_file, map_location="cpu", weights_only=True) if meta_file.is_file() else {}
-    return {_WRAPPER_PARTS.sub("", k): v for k, v in state.items()}, meta.get("magi_config"), which
+    """The whole DiT of a DCP checkpoint in one read (only its entry: the optimizer states beside it are twice as
+    large and not needed); `stream_dcp` reads it a few tensors at a time."""
+    shapes, fetch, config, which = stream_dcp(path, weights)
+    return fetch(list(shapes)), config, which
 
 
 def stream_dcp(path: str | Path, weights: str = "auto"):
@@ -389,7 +375,13 @@ def load_state_strict(model: DiT, state: dict[str, Tensor], where: str, assign: 
     assign=False copies (and casts) each tensor into the model's own storage, whatever its device and dtype;
     assign=True makes the model (e.g. one on the meta device) hold the state's tensors themselves, no copy.
     """
-    own = model.state_dict()
+    check_keys(model.state_dict(), state, where)
+    model.load_state_dict(state, strict=True, assign=assign)
+
+
+def check_keys(own: dict[str, Tensor], state: dict[str, Tensor], where: str) -> None:
+    """One ValueError naming every missing, unexpected or mis-shaped key of `state` against the model's `own`
+    (DTensor shards report their global shape)."""
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
               if k in state and state[k].shape != v.shape]  # fmt: skip
@@ -399,7 +391,6 @@ def load_state_strict(model: DiT, state: dict[str, Tensor], where: str, assign: 
             f"unexpected {unexpected[:6]} ({len(unexpected)}), shapes {shapes[:4]} ({len(shapes)}); select the "
             "model the checkpoint was trained with"
         )
-    model.load_state_dict(state, strict=True, assign=assign)
 
 
 def empty_dit(cfg: DiTConfig, device: str | torch.device = "cpu", dtype_policy: str = "fp32") -> DiT:
@@ -549,13 +540,7 @@ def load_into(model: DiT, source: str | Path, weights: str = "auto", *, what: st
         where = f"{what}={source}"
         check_same_architecture(model_config_from_dict(dict(stored), where), model.cfg, where)
     own = model.state_dict(keep_vars=True)
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    shapes = [k for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{what}={source}: the weights do not fit the model config; missing {missing[:6]} ({len(missing)}), "
-            f"unexpected {unexpected[:6]} ({len(unexpected)}), shapes {shapes[:4]}; select the model it was trained with"
-        )
+    check_keys(own, state, f"{what}={source}")
     for key, t in own.items():
         fill(t, state[key])
     return which
