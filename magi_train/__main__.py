@@ -22,6 +22,7 @@ from magi_train.config import (
     FlowConfig,
     GenerateConfig,
     LoggerConfig,
+    LoRAConfig,
     OptimConfig,
     SRConfig,
     StrategyConfig,
@@ -105,6 +106,7 @@ def run(cfg: DictConfig) -> Any:
             narrow(cfg.ema, EMAConfig),
         )  # fmt: skip
     model = narrow(cfg.model, DiTConfig)
+    lora = narrow(cfg.lora, LoRAConfig) if cfg.lora is not None else None
     data = None if cfg.dry_run else narrow(cfg.data, DataConfig)  # a dry run reads no data (it may be unset)
     callbacks = []
     if cfg.eval.every_n_steps > 0 and not cfg.dry_run:
@@ -120,11 +122,11 @@ def run(cfg: DictConfig) -> Any:
         distill = narrow(cfg.distill, DistillConfig)
         if not cfg.dry_run:
             ensure_teacher(distill.teacher)
-        return run_distill(ctx, nodes, model, data, distill, callbacks=callbacks)
+        return run_distill(ctx, nodes, model, data, distill, callbacks=callbacks, lora=lora)
     sr = narrow(cfg.sr, SRConfig) if cfg.task == "pretrain_sr" else None
     return run_pretrain(
         ctx, nodes, model, data, narrow(cfg.flow, FlowConfig), narrow(cfg.optim, OptimConfig),
-        narrow(cfg.ema, EMAConfig), sr=sr, init_from=cfg.init_from, callbacks=callbacks,
+        narrow(cfg.ema, EMAConfig), sr=sr, init_from=cfg.init_from, callbacks=callbacks, lora=lora,
     )  # fmt: skip
 
 

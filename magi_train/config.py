@@ -19,6 +19,7 @@ from omegaconf import MISSING, OmegaConf
 from magi_train.codecs.turbo_vae import TurboVAEConfig
 from magi_train.flow.sampling import Guidance
 from magi_train.models.dit import MODEL_CONFIGS, DiTConfig
+from magi_train.models.lora import LoRAConfig
 
 T = TypeVar("T")
 
@@ -407,6 +408,8 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     vae_distill: VAEDistillConfig = field(default_factory=VAEDistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # group `lora` (configs/lora/): train low-rank adapters on a frozen base (models/lora.py, docs/lora.md); null: off
+    lora: LoRAConfig | None = None
 
 
 def narrow(node: Any, cls: type[T]) -> T:

@@ -373,7 +373,8 @@ def load_released(model: DiT, path: str | Path) -> None:
     if weight_map is not None:
         _check_weight_map(weight_map, owner, path)
 
-    target = model.state_dict()  # detached tensors sharing storage with the parameters and buffers
+    # detached tensors sharing storage with the parameters and buffers; LoRA adapters on the model are not the base's
+    target = {k: t for k, t in model.state_dict().items() if ".lora." not in k}
     sharded = any(is_sharded(t) for t in target.values())
     _validate(model, target, ckpt, path)
     meta = [k for k, t in target.items() if t.is_meta]

@@ -107,6 +107,11 @@ def active(name: str | None) -> Iterator[None]:
         _active[0] = before
 
 
+def current() -> str | None:
+    """The adapter chosen by the innermost `active` (None outside any)."""
+    return _active[0]
+
+
 def recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     """`context_fn` of activation checkpointing: the recompute runs with the adapter of the original forward."""
     return contextlib.nullcontext(), active(_active[0])

@@ -39,6 +39,7 @@ from magi_train.models.dit import (
     pack,
     unpatchify,
 )
+from magi_train.models.lora import LoRAPair, recompute_contexts
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "cp")
 PARAM_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: each parameter computes in its own dtype
@@ -263,7 +264,8 @@ def _fsdp_mesh(mesh):
 
 
 def apply_fsdp(model: DiT, mesh, cfg: ParallelConfig) -> DiT:
-    """fully_shard per TransformerLayer (its RMSNorms as their own fp32 group), then the root (fp32 islands)."""
+    """fully_shard per TransformerLayer (its RMSNorms, and LoRA adapters if any, as their own fp32 groups), then the
+    root (fp32 islands)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     fsdp_mesh = _fsdp_mesh(mesh)
@@ -278,6 +280,9 @@ def apply_fsdp(model: DiT, mesh, cfg: ParallelConfig) -> DiT:
     for layer in _layers(model):
         norms = [m for m in layer.modules() if isinstance(m, ModalityRMSNorm)]
         fully_shard(norms, mp_policy=own, **common)
+        adapters = [m for m in layer.modules() if isinstance(m, LoRAPair)]
+        if adapters:  # LoRA (models/lora.py): trained fp32 next to a frozen base that may be stored in bf16
+            fully_shard(adapters, mp_policy=own, **common)
         fully_shard(layer, mp_policy=block, **common)
     # the root's parameters are used again by the heads after the last layer: keep them gathered
     fully_shard(model, mp_policy=own, **{**common, "reshard_after_forward": False})
@@ -316,8 +321,11 @@ def parallelize(model: DiT, mesh=None, cfg: ParallelConfig | None = None) -> DiT
         chosen = {id(layer) for i, layer in enumerate(model.block.layers) if i % every == 0}
         apply_activation_checkpointing(
             model,
+            # the recompute runs with the LoRA adapter its forward used (models/lora.py)
             checkpoint_wrapper_fn=functools.partial(
-                checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT
+                checkpoint_wrapper,
+                checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                context_fn=recompute_contexts,
             ),
             check_fn=lambda m: isinstance(m, TransformerLayer) and id(m) in chosen,
         )

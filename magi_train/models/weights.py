@@ -38,6 +38,7 @@ from torch import Tensor
 
 from magi_train.models.checkpoint import DTYPE_POLICIES, load_released, released_dtype
 from magi_train.models.dit import DiT, DiTConfig, rope_bands
+from magi_train.models.lora import is_adapter_key
 from magi_train.models.shards import fill
 
 log = logging.getLogger(__name__)
@@ -511,6 +512,8 @@ def init_weights(model: DiT, seed: int) -> DiT:
     """Initialise a materialised (possibly sharded) DiT as DiT.__init__ does, with every tensor drawn from a stream of
     its own name and `seed`: the same weights whatever the number of ranks, each rank filling only its shards."""
     for name, t in model.state_dict(keep_vars=True).items():
+        if is_adapter_key(name):
+            continue  # LoRA adapters have their own initialisation (models/lora.py init_adapters)
         digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
         fill(t, _init_value(name, tuple(t.shape), model.cfg, gen))
@@ -539,7 +542,8 @@ def load_into(model: DiT, source: str | Path, weights: str = "auto", *, what: st
     if isinstance(stored, dict):
         where = f"{what}={source}"
         check_same_architecture(model_config_from_dict(dict(stored), where), model.cfg, where)
-    own = model.state_dict(keep_vars=True)
+    # the weights of a base: LoRA adapters on it are initialised (or resumed) apart from it
+    own = {k: t for k, t in model.state_dict(keep_vars=True).items() if not is_adapter_key(k)}
     check_keys(own, state, f"{what}={source}")
     for key, t in own.items():
         fill(t, state[key])

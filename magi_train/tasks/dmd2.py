@@ -29,7 +29,9 @@ from magi_train.flow import dmd
 from magi_train.flow.dmd_metrics import distill_metrics
 from magi_train.flow.matching import Mode, condition_velocities, drop_text, impose_conditions, sample_modes
 from magi_train.flow.sampling import sample_distilled, sample_unipc
+from magi_train.models import lora
 from magi_train.models.dit import TEXT, DiT, PackedSeq
+from magi_train.models.lora import adapter_parameters
 from magi_train.tasks.ema import EMA_KEY, ShardedEMA
 from magi_train.tasks.guard import NonFiniteGuard, check_checkpoint_finite, grad_norm
 from magi_train.tasks.optim import build_optimizer
@@ -91,6 +93,51 @@ class DiTScore:
         return [v, a]
 
 
+class AdapterRole:
+    """One DMD-2 role of a shared LoRA base (models/lora.py): the frozen base with adapter `name` active (NONE: the
+    bare base, i.e. the teacher). Not a module, so the base is registered once (as `DMD2Task.base`) and its 15B
+    weights are held once; a role shows only its own adapter's parameters to optimizers, EMAs and checkpoints."""
+
+    def __init__(self, base: DiT, name: str):
+        self.base, self.name = base, name
+        self.cfg, self.block = base.cfg, base.block
+
+    def __call__(self, *args, **kwargs):
+        with lora.active(self.name):
+            if self.name == lora.NONE and self.base.training:  # the teacher runs as in eval mode
+                self.base.eval()
+                try:
+                    return self.base(*args, **kwargs)
+                finally:
+                    self.base.train()
+            return self.base(*args, **kwargs)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True):
+        for name, p in self.base.named_parameters(prefix):
+            if f".lora.{self.name}." in name and self.name != lora.NONE:
+                yield name, p
+
+    def parameters(self):
+        return (p for _, p in self.named_parameters())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {name: p.detach() for name, p in self.named_parameters()}
+
+    def requires_grad_(self, flag: bool = True) -> AdapterRole:
+        for p in self.parameters():
+            p.requires_grad_(flag)
+        return self
+
+    def train(self, mode: bool = True) -> AdapterRole:  # the base's mode is the task's
+        return self
+
+    def eval(self) -> AdapterRole:
+        return self
+
+    def num_parameters(self) -> int:
+        return self.base.num_parameters()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Optional GAN term: a small head on the critic's features (DMD2)
 # ---------------------------------------------------------------------------------------------------------
@@ -99,12 +146,15 @@ class DiTScore:
 class FeatureTap:
     """Keeps the output (and packing layout) of one critic layer from its latest forward."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, adapter: str | None = None):
+        """adapter: on a shared LoRA base, only forwards with this adapter active are kept (the critic's)."""
         self.value: tuple[Tensor, PackedSeq] | None = None
+        self.adapter = adapter
         self.handle = layer.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        self.value = (output, args[1])
+        if self.adapter is None or lora.current() == self.adapter:
+            self.value = (output, args[1])
 
     def pop(self) -> tuple[Tensor, PackedSeq]:
         if self.value is None:
@@ -158,11 +208,17 @@ class DMD2Task(L.LightningModule):
         max_nonfinite_steps: int = 20,
         setups: dict[str, RoleSetup] | None = None,
         sharded_ema: tuple[float, int] | None = None,
+        base: DiT | None = None,
     ):
         """setups: how configure_model makes each role (teacher, critic, student) ready; under strategy=fsdp2 the
         roles arrive on the meta device and are filled from their sources there. sharded_ema: (decay, start_step)
-        of the student EMA kept on the local shards under fsdp2 (other strategies use the StudentEMA callback)."""
+        of the student EMA kept on the local shards under fsdp2 (other strategies use the StudentEMA callback).
+        base: a shared LoRA base with adapters `critic` and `student` (models/lora.py); teacher, critic and student
+        are then its AdapterRoles. With LoRA (shared or not) checkpoints hold the adapters (and GAN head) only."""
         super().__init__()
+        if base is not None:
+            self.base = base
+            teacher, critic, student = (AdapterRole(base, n) for n in (lora.NONE, "critic", "student"))
         validate_distill(cfg)
         self.setups = setups or {}
         self.sharded_ema = sharded_ema
@@ -179,8 +235,12 @@ class DMD2Task(L.LightningModule):
         sigmas = dmd.student_sigmas(cfg.num_student_steps, cfg.shift)
         self.register_buffer("student_sigmas", sigmas, persistent=False)
         bf16 = torch.bfloat16 if cfg.teacher.dtype == "bf16" else None
-        self.teacher_score, self.critic_score = DiTScore(teacher, bf16), DiTScore(critic)
-        self.student_score = DiTScore(student)
+        shared = (
+            bf16 if base is not None else None
+        )  # the roles of a bf16-stored shared base run as the teacher
+        self.teacher_score, self.critic_score = DiTScore(teacher, bf16), DiTScore(critic, shared)
+        self.student_score = DiTScore(student, shared)
+        self.lora = bool(adapter_parameters(base if base is not None else critic))
         self.disc: DiscriminatorHead | None = None
         self._tap: FeatureTap | None = None
         if cfg.gan:
@@ -191,7 +251,7 @@ class DMD2Task(L.LightningModule):
                     f"distill.gan_layer={cfg.gan_layer}: the critic has layers 0..{len(layers) - 1}"
                 )
             self.disc = DiscriminatorHead(critic.cfg.hidden_size)
-            self._tap = FeatureTap(layers[index])
+            self._tap = FeatureTap(layers[index], "critic" if base is not None else None)
         self.generator_stepped = False  # read (and reset) by StudentEMA after each generator update
         self._micro = 0  # micro-batch within the current iteration (gradient accumulation)
         self._gen_logs: dict[str, Tensor] = {}
@@ -206,9 +266,17 @@ class DMD2Task(L.LightningModule):
             return
         self._configured = True
         mesh = device_mesh(self)
-        for role in ("teacher", "critic", "student"):  # each its own FSDP2 tree on the same mesh
-            setup = self.setups.get(role, RoleSetup())
-            prepare_role(getattr(self, role), setup, mesh, self.device, stream_seed(self.seed, 0, role))
+        if (
+            self.shared_base
+        ):  # one FSDP2 tree: the teacher's storage and source, the trained roles' checkpointing
+            setup = self.setups.get("teacher", RoleSetup())
+            setup = dataclasses.replace(setup, parallel=self.setups.get("student", RoleSetup()).parallel)
+            prepare_role(self.base, setup, mesh, self.device, stream_seed(self.seed, 0, "teacher"), self.seed)
+        else:
+            for role in ("teacher", "critic", "student"):  # each its own FSDP2 tree on the same mesh
+                setup = self.setups.get(role, RoleSetup())
+                seed = stream_seed(self.seed, 0, role)
+                prepare_role(getattr(self, role), setup, mesh, self.device, seed, self.seed)
         self.teacher.requires_grad_(False).eval()
         if mesh is None:
             return
@@ -221,7 +289,24 @@ class DMD2Task(L.LightningModule):
                 "teacher.",
             )  # resumed checkpoints hold no teacher: it comes from its source
         if self.sharded_ema is not None:
-            self.student_ema = ShardedEMA(*self.sharded_ema).attach(self.student)
+            if self.shared_base:
+                self.student_ema = ShardedEMA(*self.sharded_ema).attach(
+                    self.base, keep=lambda name: ".lora.student." in name
+                )
+            else:
+                keep = lora.is_adapter_key if self.lora else None
+                self.student_ema = ShardedEMA(*self.sharded_ema).attach(self.student, keep=keep)
+
+    @property
+    def shared_base(self) -> bool:
+        return "base" in self._modules
+
+    def checkpoint_skip(self, key: str) -> bool:
+        """State-dict keys a checkpoint leaves out: LoRA's frozen base (re-read from the teacher's source), or the
+        teacher with save_teacher false."""
+        if self.lora:
+            return not (lora.is_adapter_key(key) or key.startswith("disc."))
+        return not self.cfg.save_teacher and key.startswith("teacher.")
 
     def on_validation_epoch_start(self) -> None:
         if self.student_ema is not None and not self.trainer.sanity_checking:
@@ -233,7 +318,7 @@ class DMD2Task(L.LightningModule):
 
     def train(self, mode: bool = True) -> DMD2Task:
         super().train(mode)
-        self.teacher.eval()  # the real score stays frozen in eval mode
+        self.teacher.eval()  # the real score stays frozen in eval mode (a shared base's teacher: AdapterRole)
         return self
 
     # -- helpers -----------------------------------------------------------------------------------------------
@@ -453,10 +538,10 @@ class DMD2Task(L.LightningModule):
 
     def configure_optimizers(self):
         max_steps = self.trainer.max_steps if self._trainer is not None else 0
-        opt_s, sched_s = build_optimizer(self.student, self.cfg.student.optim, max_steps)
-        critic = nn.ModuleDict(
-            {"critic": self.critic, **({"disc": self.disc} if self.disc is not None else {})}
-        )
+        opt_s, sched_s = build_optimizer(self.student.named_parameters(), self.cfg.student.optim, max_steps)
+        critic = [*self.critic.named_parameters(prefix="critic")]
+        if self.disc is not None:
+            critic += [*self.disc.named_parameters(prefix="disc")]
         opt_c, sched_c = build_optimizer(critic, self.cfg.critic.optim, max_steps)
         return [
             {"optimizer": opt_s, "lr_scheduler": {"scheduler": sched_s, "interval": "step"}},
@@ -565,11 +650,11 @@ class DMD2Task(L.LightningModule):
     # -- checkpoints -------------------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if not self.cfg.save_teacher:  # re-loaded from distill.teacher.checkpoint on resume
+        if self.lora or not self.cfg.save_teacher:  # re-loaded from distill.teacher.checkpoint on resume
             for key in ("state_dict", "current_model_state"):
                 if key in checkpoint:
                     checkpoint[key] = {
-                        k: v for k, v in checkpoint[key].items() if not k.startswith("teacher.")
+                        k: v for k, v in checkpoint[key].items() if not self.checkpoint_skip(k)
                     }
         # after StudentEMA's hook (the shadow is in state_dict) and before Lightning writes anything
         check_checkpoint_finite(
@@ -594,7 +679,10 @@ class DMD2Task(L.LightningModule):
             checkpoint["state_dict"] = checkpoint.pop("current_model_state")
         saved, own = set(checkpoint["state_dict"]), set(self.state_dict())
         missing, unexpected = sorted(own - saved), sorted(saved - own)
-        if not any(k.startswith("teacher.") for k in saved):
+        if self.lora:  # adapters (and GAN head) only: the base comes from the teacher's source
+            missing = [k for k in missing if not self.checkpoint_skip(k)]
+            self.strict_loading = False
+        elif not any(k.startswith("teacher.") for k in saved):
             missing = [k for k in missing if not k.startswith("teacher.")]  # teacher loaded from its path
             self.strict_loading = False
         if missing or unexpected:

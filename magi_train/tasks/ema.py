@@ -40,12 +40,21 @@ class StudentEMA(Callback):
     def _device(self, pl_module: L.LightningModule) -> torch.device:
         return torch.device("cpu") if self.on_cpu else pl_module.device
 
+    @staticmethod
+    def _tracked(pl_module: L.LightningModule) -> dict[str, Tensor]:
+        """The student's weights that train: all of them, or its LoRA adapters only (models/lora.py)."""
+        from magi_train.models.lora import is_adapter_key
+
+        state = pl_module.student.state_dict()
+        if any(is_adapter_key(k) for k in state):
+            return {k: v for k, v in state.items() if is_adapter_key(k)}
+        return state
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dev = self._device(pl_module)
         if self.shadow is None:
             self.shadow = {
-                k: v.detach().to(dev, torch.float32, copy=True)
-                for k, v in pl_module.student.state_dict().items()
+                k: v.detach().to(dev, torch.float32, copy=True) for k, v in self._tracked(pl_module).items()
             }
         else:  # restored from a checkpoint
             self.shadow = {k: v.to(dev, torch.float32) for k, v in self.shadow.items()}
@@ -57,7 +66,7 @@ class StudentEMA(Callback):
         if not pl_module.generator_stepped:
             return
         pl_module.generator_stepped = False
-        for key, value in pl_module.student.state_dict().items():
+        for key, value in self._tracked(pl_module).items():
             target = self.shadow[key]
             if trainer.global_step <= self.start_step:
                 target.copy_(value)
@@ -68,7 +77,7 @@ class StudentEMA(Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.shadow is None or trainer.sanity_checking:
             return
-        state = pl_module.student.state_dict()
+        state = self._tracked(pl_module)
         self._backup = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
         for key, value in state.items():
             value.copy_(self.shadow[key])
@@ -77,7 +86,7 @@ class StudentEMA(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._backup is None:
             return
-        for key, value in pl_module.student.state_dict().items():
+        for key, value in self._tracked(pl_module).items():
             value.copy_(self._backup[key])
         self._backup = None
 
@@ -111,15 +120,20 @@ class ShardedEMA(torch.nn.Module):
         self._pairs: list[tuple[Tensor, Tensor]] = []
         self._fsdp: list[torch.nn.Module] = []  # a plain list: not registered as submodules
 
-    def attach(self, source: torch.nn.Module) -> ShardedEMA:
-        """Create the averages as fp32 copies of `source`'s parameters (call once the parameters are final)."""
+    def attach(self, source: torch.nn.Module, keep=None) -> ShardedEMA:
+        """Create the averages as fp32 copies of `source`'s parameters (call once the parameters are final); `keep`:
+        a predicate on parameter names choosing which ones (e.g. one LoRA adapter's: models/lora.py), then no
+        buffers."""
         from torch.distributed.fsdp import FSDPModule
 
         from magi_train.models.weights import strip_wrapper_parts
 
         self._fsdp = [m for m in source.modules() if isinstance(m, FSDPModule)]
         persistent = [(n, b) for n, b in source.named_buffers() if _is_persistent(source, n)]
-        for name, param in [*source.named_parameters(), *persistent]:  # buffers (RoPE bands) are copied along
+        tensors = [*source.named_parameters(), *persistent]  # buffers (RoPE bands) are copied along
+        if keep is not None:
+            tensors = [(n, p) for n, p in source.named_parameters() if keep(n)]
+        for name, param in tensors:
             owner = self
             *path, leaf = strip_wrapper_parts(name).split(".")
             for part in path:

@@ -9,13 +9,15 @@ import torch
 from magi_train.config import OptimConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, max_steps: int):
-    """AdamW without weight decay on norm weights and biases; linear warm-up, then constant/cosine.
+def build_optimizer(model, cfg: OptimConfig, max_steps: int):
+    """AdamW over the trainable parameters of `model` (a module or (name, parameter) pairs) without weight decay on
+    norm weights and biases; linear warm-up, then constant/cosine.
 
     Chosen by name, not by `ndim`: FSDP (use_orig_params) hands the optimizer flat 1-D shards of every matrix.
     """
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    named = model.named_parameters() if isinstance(model, torch.nn.Module) else model
+    for name, p in named:
         if p.requires_grad:
             (no_decay if "norm" in name or name.endswith("bias") else decay).append(p)
     opt = torch.optim.AdamW(

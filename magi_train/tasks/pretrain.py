@@ -25,10 +25,22 @@ from magi_train.flow import (
     velocity_target,
 )
 from magi_train.models.dit import DiT
+from magi_train.models.lora import adapter_parameters, is_adapter_key
 from magi_train.tasks.ema import ShardedEMA
 from magi_train.tasks.guard import NonFiniteGuard, check_checkpoint_finite, grad_norm
 from magi_train.tasks.optim import build_optimizer
 from magi_train.tasks.sharding import RoleSetup, device_mesh, micro_index, prepare_role, stream_seed
+
+
+def check_adapter_checkpoint(own: dict, saved: dict, skip) -> None:
+    """A LoRA checkpoint must hold exactly the adapters (and their EMA) of this run: one error naming the rest."""
+    want = {k for k in own if not skip(k)}
+    missing, unexpected = sorted(want - saved.keys()), sorted(saved.keys() - want)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not match this LoRA setup (lora.rank / targets / layers / modalities, model?): missing "
+            f"{missing[:4]} ({len(missing)}), unexpected {unexpected[:4]} ({len(unexpected)})"
+        )
 
 
 def load_null_text(spec: str, text_dim: int) -> Tensor:
@@ -85,11 +97,21 @@ class PretrainTask(L.LightningModule):
         mesh = device_mesh(self)
         prepare_role(self.model, self.setup_cfg, mesh, self.device, self.seed)
         if self.sharded_ema is not None:
-            if mesh is None:
+            if mesh is None and not self.lora:
                 raise ValueError(
-                    "the sharded EMA is for strategy=fsdp2; other strategies use the EMA callback"
+                    "the sharded EMA is for strategy=fsdp2 or LoRA; other strategies use the EMA callback"
                 )
-            self.ema = ShardedEMA(*self.sharded_ema).attach(self.model)
+            keep = is_adapter_key if self.lora else None  # LoRA: the average of the adapters only
+            self.ema = ShardedEMA(*self.sharded_ema).attach(self.model, keep=keep)
+
+    @property
+    def lora(self) -> bool:
+        """Whether only LoRA adapters train (models/lora.py); checkpoints then hold only them (and their EMA)."""
+        return bool(adapter_parameters(self.model))
+
+    def checkpoint_skip(self, key: str) -> bool:
+        """State-dict keys a checkpoint leaves out (fsdp2 resume loads without them): LoRA's frozen base."""
+        return self.lora and not is_adapter_key(key)
 
     # -- the objective -----------------------------------------------------------------------------------
 
@@ -191,6 +213,10 @@ class PretrainTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # after the callbacks' hooks (EMA layouts included) and before Lightning writes anything
+        if self.lora:  # the frozen base is re-read from init_from on resume
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if not self.checkpoint_skip(k)
+            }
         check_checkpoint_finite(
             checkpoint, self.global_step, "optim.lr", self.trainer.strategy.reduce_boolean_decision
         )
@@ -212,6 +238,9 @@ class PretrainTask(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Applied just before the first resumed step: building the dataloader iterator in between draws
         # from the global RNG, which the uninterrupted run did at its start, not at this step.
+        if self.lora and "state_dict" in checkpoint:  # fsdp2 loads its sharded state itself (checkpoint_skip)
+            check_adapter_checkpoint(self.state_dict(), checkpoint["state_dict"], self.checkpoint_skip)
+            self.strict_loading = False  # the base is not in it
         per_rank = checkpoint.get("rng_per_rank") or []
         same_world = len(per_rank) == self.trainer.world_size
         self._resume_rng = per_rank[self.global_rank] if same_world else checkpoint.get("rng")

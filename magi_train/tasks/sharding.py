@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from magi_train.models.dit import DiT
+from magi_train.models.lora import adapter_parameters, init_adapters
 from magi_train.models.parallelize import ParallelConfig, data_parallel_rank, parallelize
 from magi_train.models.weights import apply_dtype_policy, init_weights, load_into
 
@@ -56,17 +57,25 @@ def micro_index(module: L.LightningModule, micro: int, accumulate: int) -> int:
     return data_rank(module) * accumulate + micro
 
 
-def prepare_role(model: DiT, setup: RoleSetup, mesh, device: torch.device, seed: int) -> DiT:
-    """Parallelise `model` in place (see the module docstring); returns it."""
+def prepare_role(
+    model: DiT, setup: RoleSetup, mesh, device: torch.device, seed: int, adapter_seed: int | None = None
+) -> DiT:
+    """Parallelise `model` in place (see the module docstring); returns it. LoRA adapters on it (models/lora.py)
+    are initialised from `adapter_seed` (default `seed`), as `add_adapters` does off the meta device."""
     if mesh is None:
         return parallelize(model, None, setup.parallel)
+    adapters = adapter_parameters(model)
     apply_dtype_policy(model, setup.dtype_policy)  # on the meta device: no memory
+    for p in adapters:  # trained in fp32 whatever the base's storage
+        p.data = p.data.float()
     parallelize(model, mesh, setup.parallel)
     model.to_empty(device=device)
     if setup.source:
         load_into(model, setup.source, setup.weights, what=setup.what)
     else:
         init_weights(model, seed)
+    if adapters:
+        init_adapters(model, seed if adapter_seed is None else adapter_seed)
     return model
 
 

@@ -31,6 +31,7 @@ from magi_train.config import (
 )
 from magi_train.data.datamodule import ClipDataModule
 from magi_train.models.dit import DiT, DiTConfig
+from magi_train.models.lora import LoRAConfig, adapter_parameters, add_adapters
 from magi_train.models.parallelize import ParallelConfig
 from magi_train.models.weights import apply_dtype_policy, check_source, dcp_keys, empty_dit, load_dit
 from magi_train.tasks.dmd2 import DMD2Task, validate_distill
@@ -186,9 +187,11 @@ def run_pretrain(
     init_from: str | None = None,
     callbacks: list[Callback] | None = None,
     datamodule: L.LightningDataModule | None = None,
+    lora: LoRAConfig | None = None,
 ) -> dict[str, Any]:
     """Train the base DiT (sr None) or the latent SR DiT by flow matching. datamodule: instead of the clip shards
-    of `data` (any LightningDataModule yielding ClipBatch; `data` still gives text_dim)."""
+    of `data` (any LightningDataModule yielding ClipBatch; `data` still gives text_dim). lora: train adapters on
+    the frozen base of `init_from` instead (models/lora.py); checkpoints then hold the adapters only."""
     model_cfg.validate()
     recipe = "pretrain_sr" if sr is not None else "pretrain_base"
     spec, row = memory_plan(ctx, nodes, model_cfg, recipe, model_cfg.activation_checkpointing, ema.decay > 0)
@@ -203,22 +206,33 @@ def run_pretrain(
     check_memory(spec, row)
     ckpt_path = start_run(ctx, nodes)
     datamodule = datamodule or ClipDataModule(data)
-    source = init_from if ckpt_path is None else None  # a resumed run takes its weights from the checkpoint
+    # a resumed run takes its weights from the checkpoint; with LoRA only the adapters are there, the base is re-read
+    source = init_from if ckpt_path is None or lora is not None else None
+    if lora is not None and not init_from:
+        raise ValueError(
+            "lora trains adapters on a pretrained base: set init_from=<released directory or .ckpt> (e.g. the "
+            "README's smoke run, outputs/smoke/checkpoints/last.ckpt)"
+        )
     setup = RoleSetup(_parallel(nodes, model_cfg, model_cfg.activation_checkpointing), what="init_from")
     sharded_ema = None
     if sharded(nodes.strategy):  # built on meta; each rank fills its shards in configure_model
         with torch.device("meta"):
             model = DiT(model_cfg)
         setup.source = source
-        if ema.decay > 0:
-            if ema.on_cpu:
-                raise ValueError("ema.on_cpu=true is not supported with strategy=fsdp2 (the EMA is sharded)")
-            sharded_ema, ema = (ema.decay, ema.start_step), None
+        if ema.decay > 0 and ema.on_cpu:
+            raise ValueError("ema.on_cpu=true is not supported with strategy=fsdp2 (the EMA is sharded)")
     elif source:
         model = load_dit(source, model_cfg, what="init_from").model
     else:
         model = DiT(model_cfg)
-    print(f"parameters: {model.num_parameters():,}")
+    if (
+        lora is not None
+    ):  # before parallelize; on the meta device the adapters are initialised in configure_model
+        add_adapters(model, lora, seed=ctx.seed)
+    if ema.decay > 0 and (sharded(nodes.strategy) or lora is not None):
+        sharded_ema, ema = (ema.decay, ema.start_step), None  # on the local shards / of the adapters only
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"parameters: {model.num_parameters():,} ({trained:,} trained)")
     common = dict(
         flow_cfg=flow,
         optim_cfg=optim,
@@ -345,8 +359,10 @@ def run_distill(
     *,
     callbacks: list[Callback] | None = None,
     datamodule: L.LightningDataModule | None = None,
+    lora: LoRAConfig | None = None,
 ) -> dict[str, Any]:
-    """DMD-2 distillation of a pretrained DiT into a few-step CFG-free student (task dmd2).
+    """DMD-2 distillation of a pretrained DiT into a few-step CFG-free student (task dmd2). lora: critic and student
+    are the teacher plus their own adapters (models/lora.py), on one shared frozen base if lora.shared_base.
 
     Manual optimisation: clipping, accumulation and the student's EMA are the task's and StudentEMA's, so the
     Trainer gets none of them (optim.* and ema.* of the root are not used).
@@ -368,24 +384,49 @@ def run_distill(
     assert data is not None, "only a dry run goes without data"
     check_memory(spec, row)
 
+    if lora is not None and (distill.critic.checkpoint or distill.student.checkpoint):
+        raise ValueError(
+            "with lora the critic and student are the teacher plus zero-initialised adapters: unset "
+            "distill.critic.checkpoint / distill.student.checkpoint"
+        )
     ckpt_path = start_run(ctx, nodes)
-    holds_teacher = _holds_teacher(ckpt_path)  # else the teacher is loaded from its own checkpoint
+    # LoRA checkpoints hold the adapters only: the base is re-read from the teacher's source
+    holds_teacher = lora is None and _holds_teacher(ckpt_path)  # else loaded from its own checkpoint
     if not holds_teacher:
         check_source(distill.teacher.checkpoint, "distill.teacher.checkpoint")
     accumulate = nodes.trainer.accumulate_grad_batches
     datamodule = datamodule or DistillDataModule(data, accumulate)
-    load_teacher, load_trainable = not holds_teacher, ckpt_path is None
+    load_teacher, load_trainable = not holds_teacher, ckpt_path is None or lora is not None
     on_meta = sharded(nodes.strategy)
-    teacher, critic, student = build_roles(model_cfg, distill, load_teacher, load_trainable, on_meta)
+    base = None
+    if lora is not None and lora.shared_base:  # one base: teacher = base, critic / student = base + adapter
+        if on_meta:
+            with torch.device("meta"):
+                base = DiT(model_cfg)
+        else:
+            base = load_dit(distill.teacher.checkpoint, model_cfg, what="distill.teacher.checkpoint").model
+            if distill.teacher.dtype == "bf16":
+                apply_dtype_policy(base, "base")  # as a bf16 teacher; the adapters stay fp32
+        add_adapters(base, lora, ("critic", "student"), seed=ctx.seed)
+        teacher = critic = student = base  # the task makes them AdapterRoles of the base
+    else:
+        teacher, critic, student = build_roles(model_cfg, distill, load_teacher, load_trainable, on_meta)
+        if lora is not None:  # three copies of the base (the reference of the shared one)
+            add_adapters(critic, lora, ("critic",), seed=ctx.seed)
+            add_adapters(student, lora, ("student",), seed=ctx.seed)
     setups = role_setups(nodes, model_cfg, distill, load_teacher, load_trainable)
+    trained = (
+        sum(p.numel() for p in adapter_parameters(student, "student")) if lora else student.num_parameters()
+    )
     print(
-        f"parameters: {student.num_parameters():,} per role (teacher {distill.teacher.dtype}, critic, student)"
+        f"parameters: {student.num_parameters():,} per role (teacher {distill.teacher.dtype}, critic, student); "
+        f"{trained:,} trained per role" + (", one shared base" if base is not None else "")
     )
     task = DMD2Task(
         teacher, critic, student, distill, text_dim=data.text_dim, seed=ctx.seed, accumulate=accumulate,
         sample_dir=str(ctx.run_dir / "samples"), max_nonfinite_steps=nodes.trainer.max_nonfinite_steps,
         setups=setups, sharded_ema=(distill.ema.decay, distill.ema.start_step) if on_meta and distill.ema.decay > 0
-        else None,
+        else None, base=base,
     )  # fmt: skip
     ema = distill.ema
     if on_meta and ema.on_cpu and ema.decay > 0:

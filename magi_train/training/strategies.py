@@ -146,13 +146,16 @@ def load_sharded_checkpoint(strategy: Any, path: Path) -> dict[str, Any]:
             f"{path} is not a sharded (fsdp2) checkpoint directory: resume it with its own strategy"
         )
     module = strategy.lightning_module
-    skips = tuple(getattr(module, "checkpoint_skips", ()))
-    model_state = {
-        k: v for k, v in get_model_state_dict(module).items() if not k.startswith(skips or ("\0",))
-    }
+    skip = getattr(module, "checkpoint_skip", None)  # a predicate on keys (LoRA: everything but the adapters)
+    if skip is None:
+        prefixes = tuple(getattr(module, "checkpoint_skips", ())) or ("\0",)
+        skip = lambda key: key.startswith(prefixes)  # noqa: E731
+    full = get_model_state_dict(module)
+    model_state = {k: v for k, v in full.items() if not skip(k)}
     state = {"state_dict": model_state}
     dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(module, state["state_dict"], options=StateDictOptions(strict=not skips))
+    strict = len(model_state) == len(full)
+    set_model_state_dict(module, state["state_dict"], options=StateDictOptions(strict=strict))
     for idx, optimizer in enumerate(strategy.optimizers):
         key = f"optimizer_{idx}"
         optim_state = {key: get_optimizer_state_dict(module, optimizer)}
