@@ -281,8 +281,9 @@ def apply_fsdp(model: DiT, mesh, cfg: ParallelConfig) -> DiT:
         norms = [m for m in layer.modules() if isinstance(m, ModalityRMSNorm)]
         fully_shard(norms, mp_policy=own, **common)
         adapters = [m for m in layer.modules() if isinstance(m, LoRAPair)]
-        if adapters:  # LoRA (models/lora.py): trained fp32 next to a frozen base that may be stored in bf16
-            fully_shard(adapters, mp_policy=own, **common)
+        if adapters:  # LoRA (models/lora.py): trained fp32 next to a frozen base that may be stored in bf16;
+            # small, so kept gathered from forward to backward (the roles' forwards interleave before it)
+            fully_shard(adapters, mp_policy=own, **{**common, "reshard_after_forward": False})
         fully_shard(layer, mp_policy=block, **common)
     # the root's parameters are used again by the heads after the last layer: keep them gathered
     fully_shard(model, mp_policy=own, **{**common, "reshard_after_forward": False})

@@ -64,18 +64,26 @@ def test_lora_pretraining_learns_keeps_the_base_and_saves_adapters_only(
     reference = DiT(MODEL_CONFIGS["tiny"])
     load_released(reference, base_dir)
     args = [f"recipe={recipe}", f"run_dir={tmp_path}", f"init_from={base_dir}", "model=tiny"]
-    run(compose([*args, *FAST, "trainer.max_steps=24", "trainer.checkpoint_every_n_steps=24", "optim.lr=1e-2"]))
+    run(
+        compose(
+            [*args, *FAST, "trainer.max_steps=24", "trainer.checkpoint_every_n_steps=24", "optim.lr=1e-2"]
+        )
+    )
     model = seen["task"].model
     trained = {k for k, p in model.named_parameters() if p.requires_grad}
     assert trained and all(lora.is_adapter_key(k) for k in trained)  # the optimizer holds adapters only
     opt = seen["task"].trainer.optimizers[0]
-    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in lora.adapter_parameters(model)}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {
+        id(p) for p in lora.adapter_parameters(model)
+    }
     base = _base_state(model)
     ref = reference.state_dict()
     if recipe == "pretrain_sr":  # the SR config only changes how text is placed, not the weights
         assert base.keys() == ref.keys()
     assert all(torch.equal(v, ref[k]) for k, v in base.items())  # the base is bitwise unchanged
-    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith(".B"))  # the adapters moved
+    assert any(
+        p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith(".B")
+    )  # the adapters moved
     loss = _column(tmp_path / "metrics.csv", "train/loss")
     # control: the same run with lr 0 sees the same clips and noise, so what differs is learning alone
     frozen = tmp_path / "frozen"
@@ -87,7 +95,9 @@ def test_lora_pretraining_learns_keeps_the_base_and_saves_adapters_only(
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, weights_only=True)
     assert saved["state_dict"] and all(lora.is_adapter_key(k) for k in saved["state_dict"])
-    assert ckpt.stat().st_size < 0.05 * Path(smoke["base"]).stat().st_size  # a full tiny checkpoint (with EMA)
+    assert (
+        ckpt.stat().st_size < 0.05 * Path(smoke["base"]).stat().st_size
+    )  # a full tiny checkpoint (with EMA)
 
 
 def test_lora_pretraining_resumes_exactly(compose, tmp_path, base_dir):

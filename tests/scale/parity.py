@@ -32,6 +32,7 @@ from magi_train.config import (
     EMAConfig,
     FlowConfig,
     LoggerConfig,
+    LoRAConfig,
     OptimConfig,
     SRConfig,
     StrategyConfig,
@@ -65,12 +66,12 @@ def micro_batch(it: int, g: int, text_dim: int) -> ClipBatch:
 
 
 class GlobalBatches(IterableDataset):
-    def __init__(self, rank: int, accumulate: int, text_dim: int):
+    def __init__(self, rank: int, accumulate: int, text_dim: int, start: int = 0):
         super().__init__()
-        self.rank, self.accumulate, self.text_dim = rank, accumulate, text_dim
+        self.rank, self.accumulate, self.text_dim, self.start = rank, accumulate, text_dim, start
 
     def __iter__(self):
-        for it in itertools.count():
+        for it in itertools.count(self.start):  # a resumed run goes on from its iteration
             for m in range(self.accumulate):
                 yield micro_batch(it, self.rank * self.accumulate + m, self.text_dim)
 
@@ -82,7 +83,8 @@ class ParityData(L.LightningDataModule):
 
     def train_dataloader(self):
         kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {"rank": 0}
-        data = GlobalBatches(int(kwargs["rank"]), self.accumulate, self.text_dim)
+        start = self.trainer.global_step  # restored before the dataloaders are made
+        data = GlobalBatches(int(kwargs["rank"]), self.accumulate, self.text_dim, start)
         return DataLoader(data, batch_size=None, num_workers=0)
 
     def val_dataloader(self):
@@ -147,7 +149,9 @@ def main() -> None:
         *([f"strategy.cp={a.cp}"] if a.strategy == "fsdp2" else []), *a.overrides,
     ]  # fmt: skip
     cfg = compose(overrides)
-    ctx = RunContext(run_dir=run_dir, seed=cfg.seed, resolved=OmegaConf.to_container(cfg, resolve=True))
+    ctx = RunContext(
+        run_dir=run_dir, seed=cfg.seed, resolved=OmegaConf.to_container(cfg, resolve=True), resume=cfg.resume
+    )
     nodes = TrainerNodes(
         narrow(cfg.trainer, TrainerConfig),
         narrow(cfg.strategy, StrategyConfig),
@@ -157,15 +161,17 @@ def main() -> None:
     text_dim = model.text_in_channels
     data.text_dim = text_dim
     recorder = Recorder(run_dir / "losses.json")
+    lora = narrow(cfg.lora, LoRAConfig) if cfg.lora is not None else None
     datamodule = ParityData(a.accumulate, text_dim)
     if a.recipe == "dmd2_distill":
         run_distill(ctx, nodes, model, data, narrow(cfg.distill, DistillConfig), callbacks=[recorder],
-                    datamodule=datamodule)  # fmt: skip
+                    datamodule=datamodule, lora=lora)  # fmt: skip
     else:
         sr = narrow(cfg.sr, SRConfig) if a.recipe == "pretrain_sr" else None
         run_pretrain(
             ctx, nodes, model, data, narrow(cfg.flow, FlowConfig), narrow(cfg.optim, OptimConfig),
             narrow(cfg.ema, EMAConfig), sr=sr, init_from=a.init, callbacks=[recorder], datamodule=datamodule,
+            lora=lora,
         )  # fmt: skip
 
 
