@@ -8,6 +8,8 @@ TurboVAED (`generate.turbo_vae`, the release's default) or the Wan2.2 VAE, Ooble
 51.2 -> 44.1 kHz, H.264 + AAC mp4 via PyAV. CFG runs both branches as two clips of one packed forward
 (`generate.batch_cfg`; the release runs two forwards).
 The samplers are the ones of `magi_train.flow.sampling`; nothing here re-implements a sampling step.
+A LoRA adapter (`generate.lora`, `generate.sr_lora`; docs/lora.md) is added live to its DiT, scaled by
+`generate.lora_scale`, and recorded in the JSON.
 
 Frame counts. As in the release, a clip of `seconds` has F = seconds*25 + 1 frames = A audio latents
 (one per frame, 25 per second) and T = (F - 1) // 4 + 1 video latent frames (4 s -> 101 -> 26;
