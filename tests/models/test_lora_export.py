@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from magi_train.config import GenerateConfig
+from magi_train.config import GenerateConfig, narrow
 from magi_train.inference import generate, load_pipeline
 from magi_train.inference.generate import add_lora
 from magi_train.models.checkpoint import export_released, load_released
@@ -317,7 +317,7 @@ def _released_state(path) -> dict[str, Tensor]:
     return model.state_dict()
 
 
-def test_consolidate_merge_lora_then_generate_equals_live_adapter(tiny_codecs, tmp_path, capsys):
+def test_consolidate_merge_lora_then_generate_equals_live_adapter(compose, tiny_codecs, tmp_path):
     base = _base()
     export_released(base, tmp_path / "base", dtype_policy="fp32")
     adapted = _adapted(base, seed=4)
@@ -340,6 +340,7 @@ def test_consolidate_merge_lora_then_generate_equals_live_adapter(tiny_codecs, t
     merge_adapters(twice, scale=2.0)
     for k, v in _released_state(tmp_path / "merged_ckpt").items():
         torch.testing.assert_close(v, twice.state_dict()[k], rtol=0, atol=1e-6)
+    # the checkpoint is read memory-mapped: the merge wrote into copies, not into the file
     assert torch.equal(base.state_dict()["block.layers.0.mlp.down_proj.weight"],
                        torch.load(tmp_path / "base.ckpt")["state_dict"]["model.block.layers.0.mlp.down_proj.weight"])  # fmt: skip
 
@@ -353,17 +354,21 @@ def test_consolidate_merge_lora_then_generate_equals_live_adapter(tiny_codecs, t
     for k, v in _released_state(tmp_path / "merged_dcp").items():
         assert torch.equal(v, merged_state[k]), k
 
-    cfg = GenerateConfig(base_ckpt=str(tmp_path / "merged"), base_model="tiny", prompt="a cat", negative_prompt="dull",
-                         seconds=0.2, width=32, height=32, steps=4, seed=7, codecs_dir=str(tiny_codecs),
-                         output=str(tmp_path / "merged.mp4"), progress=False, device="cpu", precision="fp32")  # fmt: skip
-    from_merged = generate(cfg)
-    live_cfg = dataclasses.replace(cfg, base_ckpt=str(tmp_path / "base"), lora=str(tmp_path / "adapter.safetensors"),
-                                   output=str(tmp_path / "live.mp4"))  # fmt: skip
-    pipe = load_pipeline(live_cfg)
-    live = generate(live_cfg, pipe)
-    bare = generate(
-        dataclasses.replace(cfg, base_ckpt=str(tmp_path / "base"), output=str(tmp_path / "bare.mp4"))
-    )
+    def recipe(*overrides: str) -> GenerateConfig:
+        """The settings `python -m magi_train recipe=generate <overrides>` hands to generate()."""
+        common = ["recipe=generate", f"run_dir={tmp_path}", "generate.prompt=a cat", "generate.negative_prompt=dull",
+                  "generate.seconds=0.2", "generate.width=32", "generate.height=32", "generate.steps=4",
+                  "generate.seed=7", f"generate.codecs_dir={tiny_codecs}", "generate.progress=false",
+                  "generate.device=cpu", "generate.precision=fp32"]  # fmt: skip
+        return narrow(compose([*common, *overrides]).generate, GenerateConfig)
+
+    from_merged = generate(recipe(f"generate.base_ckpt={tmp_path / 'merged'}", "generate.base_model=tiny",
+                                  f"generate.output={tmp_path / 'merged.mp4'}"))  # fmt: skip
+    live_cfg = recipe(f"generate.base_ckpt={tmp_path / 'base'}", "generate.base_model=tiny",
+                      f"generate.lora={tmp_path / 'adapter.safetensors'}", "generate.lora_scale=1.0",
+                      f"generate.output={tmp_path / 'live.mp4'}")  # fmt: skip
+    live = generate(live_cfg)
+    bare = generate(dataclasses.replace(live_cfg, lora=None, output=str(tmp_path / "bare.mp4")))
     for name in ("video_latent", "audio_latent"):
         got, want, ctl = getattr(from_merged, name), getattr(live, name), getattr(bare, name)
         assert (want - ctl).abs().max() > 1e-2, name  # control: the live adapter changes the sample
