@@ -340,9 +340,6 @@ def test_consolidate_merge_lora_then_generate_equals_live_adapter(compose, tiny_
     merge_adapters(twice, scale=2.0)
     for k, v in _released_state(tmp_path / "merged_ckpt").items():
         torch.testing.assert_close(v, twice.state_dict()[k], rtol=0, atol=1e-6)
-    # the checkpoint is read memory-mapped: the merge wrote into copies, not into the file
-    assert torch.equal(base.state_dict()["block.layers.0.mlp.down_proj.weight"],
-                       torch.load(tmp_path / "base.ckpt")["state_dict"]["model.block.layers.0.mlp.down_proj.weight"])  # fmt: skip
 
     # and from a sharded (DCP) checkpoint, read whole for the merge instead of streamed
     import torch.distributed.checkpoint as dcp
