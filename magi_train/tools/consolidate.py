@@ -24,7 +24,14 @@ import torch
 
 from magi_train.models.checkpoint import DTYPE_POLICIES, export_released, export_tensors
 from magi_train.models.dit import MODEL_CONFIGS, DiT, DiTConfig
-from magi_train.models.lora import load_adapter, lora_layers, merge_adapters, read_adapter
+from magi_train.models.lora import (
+    LoRAConfig,
+    add_adapters,
+    load_adapter,
+    lora_layers,
+    merge_adapters,
+    read_adapter,
+)
 from magi_train.models.weights import (
     WEIGHTS,
     check_same_architecture,
@@ -67,30 +74,48 @@ def consolidate(
     adapter `merge_lora` merged when given; returns out_dir. Without a merge a sharded (DCP) checkpoint is
     streamed: only one output shard's tensors are in memory at a time."""
     kind = source_kind(path)
-    if merge_lora is not None:
-        read_adapter(merge_lora, "--merge-lora")  # a bad adapter file fails before the (big) base is read
+    # a bad adapter file fails before the (big) base is read, and so does one that cannot merge into its config
+    lora_cfg = read_adapter(merge_lora, "--merge-lora")[0] if merge_lora is not None else None
     if kind == "released":
         if model is None:
             raise ValueError(
                 f"{path} holds released-format weights, which carry no model config: pass --model <size> "
                 f"(one of {sorted(MODEL_CONFIGS)})"
             )
-        dit = load_dit(path, model_config(None, model, str(path)), weights, what="checkpoint").model
+        cfg = model_config(None, model, str(path))
+        _check_merge(cfg, lora_cfg, merge_lora)
+        dit = load_dit(path, cfg, weights, what="checkpoint").model
     elif kind == "dcp":
         shapes, fetch, config, _ = stream_dcp(path, weights)
         cfg = model_config(config, model, str(path))
         if merge_lora is None:
             return export_tensors(cfg, shapes, fetch, out_dir, dtype_policy, overwrite=overwrite)
+        _check_merge(cfg, lora_cfg, merge_lora)
         dit = _assigned(cfg, fetch(list(shapes)), str(path))
     else:
         state, config, _, _ = read_dit_state(path, weights)
-        dit = _assigned(model_config(config, model, str(path)), state, str(path))
+        cfg = model_config(config, model, str(path))
+        _check_merge(cfg, lora_cfg, merge_lora)
+        dit = _assigned(cfg, state, str(path))
     if merge_lora is not None:
         load_adapter(dit, merge_lora, where="--merge-lora")
         for _, layer in lora_layers(dit):  # own fp32 copies: the loaded ones may be memory-mapped or bf16
             layer.weight.data = layer.weight.data.to(torch.float32, copy=True)
         merge_adapters(dit, scale=lora_scale)
     return export_released(dit, out_dir, dtype_policy=dtype_policy, overwrite=overwrite)
+
+
+def _check_merge(cfg: DiTConfig, lora_cfg: LoRAConfig | None, where: str | Path | None) -> None:
+    """The merge rehearsed on a meta-device DiT (no memory, no arithmetic): its config errors before any weight is
+    read (layers beyond the model, a shared linear restricted to some modalities, which has no merged form)."""
+    if lora_cfg is None:
+        return
+    with torch.device("meta"):
+        dit = DiT(copy.deepcopy(cfg))
+    try:
+        merge_adapters(add_adapters(dit, copy.deepcopy(lora_cfg)))
+    except ValueError as err:
+        raise ValueError(f"--merge-lora={where}: {err}") from err
 
 
 def _assigned(cfg: DiTConfig, state: dict[str, torch.Tensor], where: str) -> DiT:
