@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 from pathlib import Path
 
 import torch
@@ -73,6 +74,8 @@ def consolidate(
     """Write the DiT of a training checkpoint (or of released weights) as a released-format directory, with the
     adapter `merge_lora` merged when given; returns out_dir. Without a merge a sharded (DCP) checkpoint is
     streamed: only one output shard's tensors are in memory at a time."""
+    if not math.isfinite(lora_scale):
+        raise ValueError(f"--lora-scale {lora_scale}: use a finite number (1.0: the adapter as trained)")
     kind = source_kind(path)
     # a bad adapter file fails before the (big) base is read, and so does one that cannot merge into its config
     lora_cfg = read_adapter(merge_lora, "--merge-lora")[0] if merge_lora is not None else None

@@ -408,6 +408,8 @@ def test_consolidate_merge_errors_are_one_line(tmp_path, capsys):
          r"--merge-lora=.*nowhere.safetensors does not exist"),
         (["--merge-lora", str(tmp_path / "audio.safetensors")], r"released-format weights.*pass --model"),
         (["--model", "tiny", "--lora-scale", "2"], r"--lora-scale .*give --merge-lora"),
+        (["--model", "tiny", "--merge-lora", str(tmp_path / "audio.safetensors"), "--lora-scale", "nan"],
+         r"--lora-scale nan: use a finite number"),
     ]  # fmt: skip
     for flags, message in cases:
         with pytest.raises(SystemExit) as exit_info:
