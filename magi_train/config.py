@@ -175,6 +175,12 @@ class GenerateConfig:
     sr_ckpt: str | None = None
     base_model: str = "magihuman_15b"  # model config of a released-format base/distilled directory
     sr_model: str = "magihuman_15b"
+    # a LoRA adapter (.safetensors in the exchange format, docs/lora.md) added live, not merged, to the base or
+    # distilled DiT; its update alpha/rank x B A is multiplied by lora_scale (0: the bare base, 2: twice the update)
+    lora: str | None = None
+    lora_scale: float = 1.0
+    sr_lora: str | None = None  # the same for the SR DiT
+    sr_lora_scale: float = 1.0
     use_ema: bool = True  # EMA weights of our checkpoints when present
     steps: int = 32  # UniPC steps of the base sampler; released base / SR: 32 / 5 (spec §1)
     sr_steps: int = 5

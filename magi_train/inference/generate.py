@@ -8,6 +8,8 @@ TurboVAED (`generate.turbo_vae`, the release's default) or the Wan2.2 VAE, Ooble
 51.2 -> 44.1 kHz, H.264 + AAC mp4 via PyAV. CFG runs both branches as two clips of one packed forward
 (`generate.batch_cfg`; the release runs two forwards).
 The samplers are the ones of `magi_train.flow.sampling`; nothing here re-implements a sampling step.
+A LoRA adapter (`generate.lora`, `generate.sr_lora`; docs/lora.md) is added live to its DiT, scaled by
+`generate.lora_scale`, and recorded in the JSON.
 
 Frame counts. As in the release, a clip of `seconds` has F = seconds*25 + 1 frames = A audio latents
 (one per frame, 25 per second) and T = (F - 1) // 4 + 1 video latent frames (4 s -> 101 -> 26;
@@ -34,6 +36,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -325,6 +328,31 @@ class Pipeline:
         return call
 
 
+def check_lora(path: str, what: str) -> None:
+    """Fail fast, before a DiT is loaded, when an adapter file is missing or not in the exchange format."""
+    from magi_train.models.lora import read_adapter
+
+    read_adapter(path, what)  # small next to a DiT: every tensor is read, so a truncated file fails here too
+
+
+def add_lora(model: DiT, path: str, scale: float, what: str = "generate.lora") -> dict[str, Any]:
+    """Add the adapter file `path` to `model` live (not merged), its update scaled by `scale`; returns what the
+    output JSON records of it.
+
+    The scale multiplies each adapted layer's alpha/rank factor (`LoRAModalityLinear.scales`), so the file is
+    used as written: scale 0 adds exactly nothing to the base's outputs, scale 2 equals a file with B doubled.
+    """
+    from magi_train.models.lora import DEFAULT, load_adapter, lora_layers
+
+    if not math.isfinite(scale):
+        raise ValueError(f"{what}_scale={scale}: use a finite number (1.0: the adapter as trained)")
+    load_adapter(model, path, DEFAULT, where=what)
+    for _, layer in lora_layers(model):
+        layer.scales[DEFAULT] *= scale
+    lcfg = model.lora_config
+    return {"path": str(path), "scale": scale, "rank": lcfg.rank, "alpha": lcfg.alpha}
+
+
 def load_pipeline(cfg: GenerateConfig) -> Pipeline:
     """Load the base (or distilled) DiT, the optional SR DiT and the codecs named by `cfg`."""
     if bool(cfg.base_ckpt) == bool(cfg.distilled_ckpt):
@@ -338,6 +366,11 @@ def load_pipeline(cfg: GenerateConfig) -> Pipeline:
     roles += [("sr", cfg.sr_ckpt, "sr_model")] if cfg.sr_ckpt else []
     # cheap checks first: loading a big DiT takes minutes
     kinds = {role: check_source(path, f"generate.{role}_ckpt") for role, path, _ in roles}
+    if cfg.sr_lora and not cfg.sr_ckpt:
+        raise ValueError("generate.sr_lora is an adapter of the SR DiT: it needs generate.sr_ckpt")
+    for key in ("lora", "sr_lora"):
+        if getattr(cfg, key):
+            check_lora(getattr(cfg, key), f"generate.{key}")
     device = resolve_device(cfg.device)
     autocast_dtype = resolve_precision(cfg.precision, device)
     video_vae, audio_vae, text_path, turbo = load_codecs(cfg, device, autocast_dtype)
@@ -372,6 +405,14 @@ def load_pipeline(cfg: GenerateConfig) -> Pipeline:
         if loaded.task is not None and (loaded.task == "pretrain_sr") != (role == "sr"):
             log.warning(
                 "%s=%s was trained by task %r; is it the right model for this role?", what, path, loaded.task
+            )
+        lora_key = "sr_lora" if role == "sr" else "lora"  # an adapter added live (not merged)
+        if getattr(cfg, lora_key):
+            loaded.lora = add_lora(
+                loaded.model,
+                getattr(cfg, lora_key),
+                getattr(cfg, f"{lora_key}_scale"),
+                f"generate.{lora_key}",
             )
         loaded.model.eval().requires_grad_(False)
         return loaded

@@ -202,7 +202,8 @@ class LoRAModalityLinear(ModalityLinear):
         """weight += scale x alpha/r x B A, each expert's delta into its own rows of the stacked weight."""
         if self.num_modality == 1 and len(self.covers) < NUM_MODALITIES:
             raise ValueError(
-                f"adapter {name!r} of a shared linear adapts only some modalities ({sorted(self.covers)}): it has "
+                f"adapter {name!r} of a shared linear adapts only some modalities "
+                f"({[EXPERTS[m] for m in sorted(self.covers)]}): it has "
                 "no merged form (one shared weight serves every token); load it live (generate.lora) instead"
             )
         out = self.weight.shape[0] // self.num_modality
@@ -379,21 +380,29 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
 
 def read_adapter(path: str | Path, where: str = "lora") -> tuple[LoRAConfig, dict[str, Tensor]]:
     """(config, tensors) of an adapter file in the exchange format."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{where}={path} does not exist: give an adapter .safetensors (docs/lora.md)")
-    with safe_open(path, framework="pt") as f:
-        cfg = config_from_metadata(f.metadata(), f"{where}={path}")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    try:
+        with safe_open(path, framework="pt") as f:
+            cfg = config_from_metadata(f.metadata(), f"{where}={path}")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except SafetensorError as err:  # not a safetensors file, or a truncated one
+        raise ValueError(
+            f"{where}={path} is not a readable safetensors file ({err}); see docs/lora.md"
+        ) from err
     return cfg, tensors
 
 
 def load_adapter(model: DiT, path: str | Path, name: str = DEFAULT, where: str = "lora") -> DiT:
     """Add the adapter of file `path` to `model` (a bare or adapted DiT) as adapter `name`, strictly."""
     cfg, tensors = read_adapter(path, where)
-    add_adapters(model, cfg, (name,))
+    try:
+        add_adapters(model, cfg, (name,))
+    except ValueError as err:  # e.g. metadata layers beyond this model's: name the file, not a config group
+        raise ValueError(f"{where}={path} does not fit this model: {err} (from its metadata)") from err
     own = {}
     for mod_path, layer in lora_layers(model):
         for expert, pair in layer.lora[name].items():

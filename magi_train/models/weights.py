@@ -81,6 +81,7 @@ class LoadedDiT:
     path: str
     task: str | None = None  # the training task of one of our checkpoints
     config: dict[str, Any] | None = None  # the run's resolved config stored in the checkpoint
+    lora: dict[str, Any] | None = None  # a LoRA adapter added live (generate.lora): path, scale, rank, alpha
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -89,6 +90,7 @@ class LoadedDiT:
             "weights": self.weights,
             "task": self.task,
             "parameters": self.model.num_parameters(),
+            "lora": self.lora,
         }
 
 
