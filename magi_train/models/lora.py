@@ -399,10 +399,17 @@ def read_adapter(path: str | Path, where: str = "lora") -> tuple[LoRAConfig, dic
 def load_adapter(model: DiT, path: str | Path, name: str = DEFAULT, where: str = "lora") -> DiT:
     """Add the adapter of file `path` to `model` (a bare or adapted DiT) as adapter `name`, strictly."""
     cfg, tensors = read_adapter(path, where)
+    return add_adapter_tensors(model, cfg, tensors, name, f"{where}={path}")
+
+
+def add_adapter_tensors(
+    model: DiT, cfg: LoRAConfig, tensors: dict[str, Tensor], name: str, where: str
+) -> DiT:
+    """Add adapter `name` of config `cfg` with the exchange-format `tensors` to `model`, strictly."""
     try:
         add_adapters(model, cfg, (name,))
     except ValueError as err:  # e.g. metadata layers beyond this model's: name the file, not a config group
-        raise ValueError(f"{where}={path} does not fit this model: {err} (from its metadata)") from err
+        raise ValueError(f"{where} does not fit this model: {err} (from its metadata)") from err
     own = {}
     for mod_path, layer in lora_layers(model):
         for expert, pair in layer.lora[name].items():
@@ -413,7 +420,7 @@ def load_adapter(model: DiT, path: str | Path, name: str = DEFAULT, where: str =
               if k in tensors and tensors[k].shape != v.shape]  # fmt: skip
     if missing or unexpected or shapes:
         raise ValueError(
-            f"{where}={path} does not fit this model: missing {missing[:4]} ({len(missing)}), unexpected "
+            f"{where} does not fit this model: missing {missing[:4]} ({len(missing)}), unexpected "
             f"{unexpected[:4]} ({len(unexpected)}), shapes {shapes[:3]}; was it trained for another model config?"
         )
     with torch.no_grad():
@@ -434,6 +441,7 @@ __all__ = [
     "active",
     "adapter_parameters",
     "adapter_tensors",
+    "add_adapter_tensors",
     "add_adapters",
     "init_adapters",
     "is_adapter_key",

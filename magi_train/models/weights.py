@@ -367,6 +367,126 @@ def read_dit_state(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# LoRA runs: checkpoints hold adapters only; the base is the run's init_from / distill.teacher.checkpoint
+# ---------------------------------------------------------------------------------------------------------
+
+# state-dict prefixes of adapters: raw (pretrain / SR `model.`, shared-base DMD-2 `base.`, three-copy DMD-2 `student.`)
+# and EMA (ShardedEMA `ema.` / `student_ema.`; StudentEMA's Lightning layout puts the EMA student under `student.`)
+_ADAPTER_RAW = ("model.", "base.", "student.")
+_ADAPTER_EMA = ("ema.", "student_ema.")
+
+
+def _run_config(path: Path, kind: str) -> dict | None:
+    if kind == "lightning":
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return ckpt.get("magi_config") if isinstance(ckpt, dict) else None
+    if kind == "dcp" and (path / _DCP_META).is_file():
+        return torch.load(path / _DCP_META, map_location="cpu", weights_only=True).get("magi_config")
+    return None
+
+
+def lora_run(source: str | Path) -> dict | None:
+    """The run config of a LoRA training checkpoint (its `lora` node set), else None."""
+    path = Path(source)
+    kind = source_kind(path)
+    config = _run_config(path, kind) if kind in ("lightning", "dcp") else None
+    return config if isinstance(config, dict) and config.get("lora") else None
+
+
+def _adapter_entries(path: Path, kind: str) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """(state_dict, current_model_state or None) restricted to adapter keys, wrapper parts removed."""
+    from magi_train.models.lora import is_adapter_key
+
+    if kind == "lightning":
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        parts = [ckpt["state_dict"], ckpt.get("current_model_state")]
+    else:
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+        keys = [k for k in dcp_keys(path) if k.startswith("state_dict.") and is_adapter_key(k)]
+        loaded: dict[str, Any] = {}
+        _load_state_dict(loaded, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys=keys),
+                         no_dist=True)  # fmt: skip
+        parts = [{k.removeprefix("state_dict."): v for k, v in _flatten(loaded).items()}, None]
+    return tuple(
+        None if p is None else {_WRAPPER_PARTS.sub("", k): v for k, v in p.items() if is_adapter_key(k)}
+        for p in parts
+    )
+
+
+def read_adapter_checkpoint(
+    source: str | Path, weights: str = "auto", adapter: str | None = None
+) -> tuple[dict[str, Tensor], str, str, dict]:
+    """(adapter tensors in the exchange format of models/lora.py, its name, "ema" | "raw", run config) of a LoRA
+    run's checkpoint (.ckpt or DCP directory). adapter: which one (default: `default`, DMD-2's `student`)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: use one of {WEIGHTS}")
+    path = Path(source)
+    config = lora_run(path)
+    if config is None:
+        raise ValueError(f"{source} is not the checkpoint of a LoRA run (its config has no lora settings)")
+    name = adapter or ("student" if config.get("task") == "dmd2" else "default")
+    state, raw_state = _adapter_entries(path, source_kind(path))
+    raw_state = raw_state if raw_state is not None else state
+    lightning_ema = (
+        raw_state is not state
+    )  # StudentEMA layout: state_dict holds the EMA student under `student.`
+
+    def pick(entries: dict[str, Tensor], prefixes: tuple[str, ...]) -> dict[str, Tensor]:
+        out = {}
+        for key, value in entries.items():
+            prefix, _, rest = key.partition("block.")
+            path_part, _, tail = rest.partition(".lora.")
+            owner, expert, ab = tail.split(".")
+            if prefix in prefixes and owner == name:
+                out[f"block.{path_part}.{expert}.lora_{ab}.weight"] = value.float()
+        return out
+
+    ema = pick(state, _ADAPTER_EMA + (("student.",) if lightning_ema else ()))
+    if weights == "ema" and not ema:
+        raise ValueError(
+            f"weights=ema but {source} holds no EMA of adapter {name!r} (trained with ema.decay=0?)"
+        )
+    if ema and weights != "raw":
+        return ema, name, "ema", config
+    raw = pick(raw_state, _ADAPTER_RAW)
+    if not raw:
+        raise ValueError(f"{source} holds no adapter {name!r}: name one (critic, student, default)")
+    return raw, name, "raw", config
+
+
+def lora_base_source(config: dict) -> tuple[str, str]:
+    """(the base weights of a LoRA run, the key naming them): init_from, or the DMD-2 teacher."""
+    if config.get("task") == "dmd2":
+        return config["distill"]["teacher"]["checkpoint"], "distill.teacher.checkpoint"
+    return config.get("init_from"), "init_from"
+
+
+def _load_lora_run(source: str | Path, cfg: DiTConfig | None, weights: str, what: str, device, dtype_policy):
+    """A LoRA run's checkpoint as a DiT: its base (from where the run read it) with the trained adapter live."""
+    from magi_train.models.lora import LoRAConfig as _LoRAConfig
+    from magi_train.models.lora import add_adapter_tensors, config_from_metadata, format_metadata
+
+    tensors, name, which, config = read_adapter_checkpoint(source, weights)
+    base, key = lora_base_source(config)
+    stored = model_config_from_dict(dict(config["model"]), f"{what}={source}")
+    if cfg is not None:
+        check_same_architecture(stored, cfg, f"{what}={source}")
+    try:
+        loaded = load_dit(base, cfg or stored, what=f"{what}={source} -> its base ({key})", device=device,
+                          dtype_policy=dtype_policy)  # fmt: skip
+    except ValueError as err:
+        raise ValueError(f"{err}; a LoRA checkpoint needs the base it was trained on") from err
+    values = {k: v for k, v in config["lora"].items() if k != "shared_base"}
+    lora_cfg = config_from_metadata(format_metadata(_LoRAConfig(**values)), str(source))
+    add_adapter_tensors(loaded.model, lora_cfg, tensors, name, f"{what}={source}")
+    meta = {"path": str(source), "adapter": name, "weights": which, "base": str(base), "rank": lora_cfg.rank}
+    return LoadedDiT(loaded.model, source_kind(source), which, str(source), config.get("task"), config, meta)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the loader
 # ---------------------------------------------------------------------------------------------------------
 
@@ -465,6 +585,8 @@ def load_dit(
         except ValueError as err:
             raise ValueError(f"{what}: {err}") from err
         return LoadedDiT(model, "released", "released", str(path))
+    if lora_run(path) is not None:  # adapters only: the run's base with them, live
+        return _load_lora_run(path, cfg, weights, what, device, dtype_policy)
     state, config, which, kind = read_dit_state(path, weights)
     stored = config.get("model") if isinstance(config, dict) else None
     if cfg is None:
@@ -559,6 +681,9 @@ __all__ = [
     "strip_wrapper_parts",
     "init_weights",
     "load_into",
+    "lora_base_source",
+    "lora_run",
+    "read_adapter_checkpoint",
     "DTYPE_POLICIES",
     "WEIGHTS",
     "LoadedDiT",

@@ -8,6 +8,9 @@ config of our checkpoints comes from the resolved config the run stored in them 
 flags are repeated. OUT is written by `models/checkpoint.py export_released` (atomic; loads back with
 `load_released`).
 
+The checkpoint of a LoRA run (lora=..., adapters only) is written merged: its base (the run's init_from or
+distill.teacher.checkpoint) with its adapter (EMA by default; DMD-2: the student's) folded in.
+
 `--merge-lora ADAPTER.safetensors [--lora-scale S]` folds a LoRA adapter (the exchange format of docs/lora.md)
 into the weights before they are written (`models/lora.py merge_adapters`: W += S x alpha/rank x B A, each
 expert's update into its own rows). A merge holds the whole DiT in memory (a sharded checkpoint is then read
@@ -28,6 +31,7 @@ from magi_train.models.dit import MODEL_CONFIGS, DiT, DiTConfig
 from magi_train.models.lora import (
     LoRAConfig,
     add_adapters,
+    format_metadata,
     load_adapter,
     lora_layers,
     merge_adapters,
@@ -38,7 +42,9 @@ from magi_train.models.weights import (
     check_same_architecture,
     load_dit,
     load_state_strict,
+    lora_run,
     model_config_from_dict,
+    read_adapter_checkpoint,
     read_dit_state,
     source_kind,
     stream_dcp,
@@ -77,6 +83,18 @@ def consolidate(
     if not math.isfinite(lora_scale):
         raise ValueError(f"--lora-scale {lora_scale}: use a finite number (1.0: the adapter as trained)")
     kind = source_kind(path)
+    if (
+        kind in ("lightning", "dcp") and lora_run(path) is not None
+    ):  # a LoRA run: its base + its adapter, merged
+        if merge_lora is not None:
+            raise ValueError(
+                f"{path} is a LoRA run's checkpoint, merged with its own adapter: drop --merge-lora"
+            )
+        dit = load_dit(path, None if model is None else model_config(None, model, str(path)), weights).model
+        for _, layer in lora_layers(dit):  # own fp32 copies before the merge (the base may be bf16)
+            layer.weight.data = layer.weight.data.to(torch.float32, copy=True)
+        merge_adapters(dit, scale=lora_scale)
+        return export_released(dit, out_dir, dtype_policy=dtype_policy, overwrite=overwrite)
     # a bad adapter file fails before the (big) base is read, and so does one that cannot merge into its config
     lora_cfg = read_adapter(merge_lora, "--merge-lora")[0] if merge_lora is not None else None
     if kind == "released":
@@ -119,6 +137,24 @@ def _check_merge(cfg: DiTConfig, lora_cfg: LoRAConfig | None, where: str | Path 
         merge_adapters(add_adapters(dit, copy.deepcopy(lora_cfg)))
     except ValueError as err:
         raise ValueError(f"--merge-lora={where}: {err}") from err
+
+
+def export_adapter(
+    path: str | Path, out: str | Path, weights: str = "auto", adapter: str | None = None
+) -> Path:
+    """Write the adapter of a LoRA run's checkpoint (EMA by default; DMD-2: the student's) as one exchange-format
+    .safetensors file (docs/lora.md), e.g. for generate.lora or another framework."""
+    import safetensors.torch
+
+    from magi_train.utils.fileio import atomic_file
+
+    tensors, name, which, config = read_adapter_checkpoint(path, weights, adapter)
+    values = {k: v for k, v in config["lora"].items() if k != "shared_base"}
+    metadata = format_metadata(LoRAConfig(**values))
+    out = Path(out)
+    atomic_file(out, lambda p: safetensors.torch.save_file(tensors, p, metadata=metadata))
+    print(f"adapter {name!r} ({which} weights) of {path}: {len(tensors)} tensors")
+    return out
 
 
 def _assigned(cfg: DiTConfig, state: dict[str, torch.Tensor], where: str) -> DiT:
@@ -168,7 +204,23 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="multiplies the merged adapter's update alpha/rank x B A (default 1.0)",
     )
+    p.add_argument(
+        "--adapter-only",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="NAME",
+        help="write only the adapter of a LoRA run's checkpoint to out_dir (a .safetensors file); NAME: default, "
+        "student (DMD-2's default) or critic",
+    )
     a = p.parse_args(argv)
+    if a.adapter_only is not None:
+        try:
+            name = None if a.adapter_only == "auto" else a.adapter_only
+            print(f"wrote {export_adapter(a.checkpoint, a.out_dir, a.weights, name)}")
+        except ValueError as err:
+            p.exit(2, f"{p.prog}: error: {err}\n")
+        return
     if a.lora_scale is not None and a.merge_lora is None:
         p.error("--lora-scale scales the adapter of --merge-lora: give --merge-lora too")
     scale = 1.0 if a.lora_scale is None else a.lora_scale

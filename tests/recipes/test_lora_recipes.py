@@ -12,6 +12,8 @@ from magi_train.__main__ import run
 from magi_train.models import lora
 from magi_train.models.checkpoint import export_released, load_released
 from magi_train.models.dit import MODEL_CONFIGS, DiT
+from magi_train.models.weights import load_dit
+from magi_train.tools.consolidate import consolidate, export_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 FAST = [
@@ -100,6 +102,16 @@ def test_lora_pretraining_learns_keeps_the_base_and_saves_adapters_only(
     )  # a full tiny checkpoint (with EMA)
 
 
+def _forward(model: DiT, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    video = [torch.randn(48, 2, 4, 4, generator=gen)]
+    audio = [torch.randn(5, 64, generator=gen)]
+    text = [torch.randn(3, MODEL_CONFIGS["tiny"].text_in_channels, generator=gen)]
+    with torch.no_grad():
+        v, a = model(video, audio, text)
+    return torch.cat([v[0].flatten(), a[0].flatten()])
+
+
 def test_lora_pretraining_resumes_exactly(compose, tmp_path, base_dir):
     common = [f"init_from={base_dir}", "recipe=pretrain_base", *FAST, "trainer.checkpoint_every_n_steps=3"]
     run(compose([*common, f"run_dir={tmp_path / 'straight'}", "trainer.max_steps=6"]))
@@ -111,6 +123,24 @@ def test_lora_pretraining_resumes_exactly(compose, tmp_path, base_dir):
     sb = torch.load(tmp_path / "split/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(k.startswith("ema.") for k in sa)  # the adapters' EMA travels with them
+
+    # a LoRA run's checkpoint loads as its base + its (EMA) adapter, and consolidates merged
+    ckpt = tmp_path / "straight/checkpoints/last.ckpt"
+    live = load_dit(ckpt)
+    assert live.weights == "ema" and live.lora["adapter"] == "default" and live.lora["base"] == str(base_dir)
+    bare = DiT(MODEL_CONFIGS["tiny"])
+    load_released(bare, base_dir)
+    out = consolidate(ckpt, tmp_path / "merged")
+    merged = DiT(MODEL_CONFIGS["tiny"])
+    load_released(merged, out)
+    y_live, y_merged, y_bare = _forward(live.model), _forward(merged), _forward(bare)
+    assert (y_live - y_bare).abs().max() > 1e-4  # control: the adapter changes the output
+    assert (y_live - y_merged).abs().max() <= 1e-5
+    adapter = export_adapter(ckpt, tmp_path / "adapter.safetensors")  # the exchange format (generate.lora)
+    again = DiT(MODEL_CONFIGS["tiny"])
+    load_released(again, base_dir)
+    lora.load_adapter(again, adapter)
+    assert torch.equal(_forward(again), y_live)
 
 
 def test_lora_needs_a_base(compose, tmp_path):
@@ -159,6 +189,9 @@ def test_shared_base_dmd2_equals_three_copies_and_resumes(compose, tmp_path, bas
     ckpt = torch.load(shared / "checkpoints" / "last.ckpt", weights_only=True)
     keys = [*ckpt["state_dict"], *ckpt.get("current_model_state", {})]
     assert keys and all(lora.is_adapter_key(k) or k.startswith("disc.") for k in keys)  # adapters + GAN head
+
+    student = load_dit(shared / "checkpoints" / "last.ckpt")  # the base + the student's EMA adapter
+    assert student.task == "dmd2" and student.lora["adapter"] == "student" and student.weights == "ema"
 
     split = tmp_path / "split"
     run(compose(_dmd2(split, base_dir, *common, "trainer.max_steps=3")))

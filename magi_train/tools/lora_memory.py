@@ -1,0 +1,122 @@
+"""`python -m magi_train.tools.lora_memory`: peak host memory of DMD-2 with three copies of the model vs one shared
+LoRA base, measured (docs/lora.md, "Memory").
+
+Each variant runs `recipe=dmd2_distill` for a few iterations in its own process on a model whose weights dominate
+memory (the `small` width cut to a few layers, random released-format weights written first, few tokens), and
+reports that process's peak resident memory above what it held after its imports (torch, Lightning, magi_train):
+- full: three trainable-size copies, critic and student fully trained (today's default);
+- copies: three copies, critic and student train LoRA adapters only (the reference of the shared base);
+- shared: `lora.shared_base=true`, one frozen base for teacher, critic and student.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "full": [],
+    "copies": ["lora=default", "lora.shared_base=false"],
+    "shared": ["lora=default", "lora.shared_base=true"],
+}
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def child(overrides: list[str]) -> None:
+    """Run one variant and print {baseline, peak, seconds} (MiB) as JSON on the last line."""
+    import torch
+
+    from magi_train.__main__ import compose, run
+
+    torch.set_num_threads(2)
+    cfg = compose(overrides)
+    baseline = _rss_mib()  # after the imports and the config
+    start = time.perf_counter()
+    run(cfg)
+    print(json.dumps({"baseline": baseline, "peak": _rss_mib(), "seconds": time.perf_counter() - start}))
+
+
+def write_base(out: Path, layers: int) -> Path:
+    import torch
+
+    from magi_train.models.checkpoint import export_released
+    from magi_train.models.dit import DiT
+
+    cfg = _model_cfg(layers)
+    torch.manual_seed(0)
+    model = DiT(cfg)
+    for head in (model.final_linear_video, model.final_linear_audio):
+        torch.nn.init.normal_(head.weight, std=0.02)
+    return export_released(model, out, dtype_policy="fp32", overwrite=True)
+
+
+def _model_cfg(layers: int):
+    import copy
+
+    from magi_train.models.dit import MODEL_CONFIGS
+
+    cfg = copy.deepcopy(MODEL_CONFIGS["small"])
+    cfg.num_layers, cfg.mm_layers, cfg.gelu7_layers = layers, [0], [0]
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m magi_train.tools.lora_memory", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "--layers", type=int, default=2, help="layers of the `small` width (layer 0 modality-specific)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=2, help="DMD-2 iterations per variant (the student steps on each)"
+    )
+    p.add_argument("--tokens", type=int, default=96, help="data.max_tokens: few, so that weights dominate")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child is not None:
+        child(a.child)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        base = write_base(Path(tmp) / "base", a.layers)
+        common = [
+            "recipe=dmd2_distill", "experiment=smoke", "model=small", f"model.num_layers={a.layers}",
+            "model.mm_layers=[0]", "model.gelu7_layers=[0]", f"distill.teacher.checkpoint={base}",
+            "distill.teacher.dtype=fp32", f"trainer.max_steps={a.steps}", "distill.generator_every=1",
+            "trainer.val_check_interval=null", "trainer.checkpoint_every_n_steps=100000",
+            "trainer.enable_progress_bar=false", f"data.max_tokens={a.tokens}", "data.synthetic.num_clips=8",
+            "data.synthetic.samples_per_shard=8", "data.num_workers=0", "distill.ema.decay=0",
+            f"lora.rank={a.rank}", f"lora.alpha={a.rank}",
+        ]  # fmt: skip
+        rows = {}
+        for name in a.variants:
+            overrides = [*common[:-2], *VARIANTS[name], *(common[-2:] if VARIANTS[name] else [])]
+            overrides.append(f"run_dir={Path(tmp) / name}")
+            cmd = [sys.executable, "-m", "magi_train.tools.lora_memory", "--child", *overrides]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+            rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"DMD-2, `small` width cut to {a.layers} layers, {a.steps} iterations, {a.tokens} tokens; peak RSS above "
+          "the post-import baseline (MiB)")  # fmt: skip
+    print("| variant | peak - baseline MiB | vs copies | seconds |")
+    print("|---|---|---|---|")
+    ref = rows.get("copies")
+    for name, r in rows.items():
+        used = r["peak"] - r["baseline"]
+        ratio = f"{used / (ref['peak'] - ref['baseline']):.2f}x" if ref else "-"
+        print(f"| {name} | {used:,.0f} | {ratio} | {r['seconds']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
