@@ -3,7 +3,8 @@ LoRA base, measured (docs/lora.md, "Memory").
 
 Each variant runs `recipe=dmd2_distill` for a few iterations in its own process on a model whose weights dominate
 memory (the `small` width cut to a few layers, random released-format weights written first, few tokens), and
-reports that process's peak resident memory above what it held after its imports (torch, Lightning, magi_train):
+reports that process's peak resident memory above what it held after its imports (torch, Lightning, magi_train),
+during training (from the start of Trainer.fit: the roles are built) and over the whole run (loading included):
 - full: three trainable-size copies, critic and student fully trained (today's default);
 - copies: three copies, critic and student train LoRA adapters only (the reference of the shared base);
 - shared: `lora.shared_base=true`, one frozen base for teacher, critic and student.
@@ -31,18 +32,37 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def child(overrides: list[str]) -> None:
-    """Run one variant and print {baseline, peak, seconds} (MiB) as JSON on the last line."""
+    """Run one variant; print {baseline, peak, train_peak, seconds} (MiB) as JSON on the last line. train_peak: the
+    peak from the start of Trainer.fit (roles built and loaded) to the end, so loading transients do not count."""
     import torch
 
+    import magi_train.training.run as run_module
     from magi_train.__main__ import compose, run
 
     torch.set_num_threads(2)
     cfg = compose(overrides)
     baseline = _rss_mib()  # after the imports and the config
+    fit, seen = run_module.fit, {}
+
+    def measured_fit(*args, **kwargs):
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
+        out = fit(*args, **kwargs)
+        seen["train_peak"] = _status_mib("VmHWM")
+        return out
+
+    run_module.fit = measured_fit
     start = time.perf_counter()
     run(cfg)
-    print(json.dumps({"baseline": baseline, "peak": _rss_mib(), "seconds": time.perf_counter() - start}))
+    print(json.dumps({"baseline": baseline, "peak": _rss_mib(), "train_peak": seen["train_peak"],
+                      "seconds": time.perf_counter() - start}))  # fmt: skip
 
 
 def write_base(out: Path, layers: int) -> Path:
@@ -81,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--tokens", type=int, default=96, help="data.max_tokens: few, so that weights dominate")
     p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--teacher-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="distill.teacher.dtype: bf16 stores the (shared) base's block linears in bf16")  # fmt: skip
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -92,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         common = [
             "recipe=dmd2_distill", "experiment=smoke", "model=small", f"model.num_layers={a.layers}",
             "model.mm_layers=[0]", "model.gelu7_layers=[0]", f"distill.teacher.checkpoint={base}",
-            "distill.teacher.dtype=fp32", f"trainer.max_steps={a.steps}", "distill.generator_every=1",
+            f"distill.teacher.dtype={a.teacher_dtype}", f"trainer.max_steps={a.steps}", "distill.generator_every=1",
             "trainer.val_check_interval=null", "trainer.checkpoint_every_n_steps=100000",
             "trainer.enable_progress_bar=false", f"data.max_tokens={a.tokens}", "data.synthetic.num_clips=8",
             "data.synthetic.samples_per_shard=8", "data.num_workers=0", "distill.ema.decay=0",
@@ -107,15 +129,16 @@ def main(argv: list[str] | None = None) -> None:
             if out.returncode:
                 raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
             rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"DMD-2, `small` width cut to {a.layers} layers, {a.steps} iterations, {a.tokens} tokens; peak RSS above "
-          "the post-import baseline (MiB)")  # fmt: skip
-    print("| variant | peak - baseline MiB | vs copies | seconds |")
-    print("|---|---|---|---|")
+    print(f"DMD-2, `small` width cut to {a.layers} layers, teacher {a.teacher_dtype}, {a.steps} iterations, "
+          f"{a.tokens} tokens; peak RSS above the post-import baseline (MiB)")  # fmt: skip
+    print("| variant | training peak MiB | vs copies | whole-run peak MiB | vs copies | seconds |")
+    print("|---|---|---|---|---|---|")
     ref = rows.get("copies")
     for name, r in rows.items():
-        used = r["peak"] - r["baseline"]
-        ratio = f"{used / (ref['peak'] - ref['baseline']):.2f}x" if ref else "-"
-        print(f"| {name} | {used:,.0f} | {ratio} | {r['seconds']:.1f} |")
+        train, whole = r["train_peak"] - r["baseline"], r["peak"] - r["baseline"]
+        ratios = [f"{v / (ref[k] - ref['baseline']):.2f}x" if ref else "-" for v, k in ((train, "train_peak"),
+                  (whole, "peak"))]  # fmt: skip
+        print(f"| {name} | {train:,.0f} | {ratios[0]} | {whole:,.0f} | {ratios[1]} | {r['seconds']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -404,9 +404,10 @@ def run_distill(
             with torch.device("meta"):
                 base = DiT(model_cfg)
         else:
-            base = load_dit(distill.teacher.checkpoint, model_cfg, what="distill.teacher.checkpoint").model
-            if distill.teacher.dtype == "bf16":
-                apply_dtype_policy(base, "base")  # as a bf16 teacher; the adapters stay fp32
+            policy = "base" if distill.teacher.dtype == "bf16" else "fp32"  # bf16 block linears, read as such
+            base = load_dit(
+                distill.teacher.checkpoint, model_cfg, what="distill.teacher.checkpoint", dtype_policy=policy
+            ).model
         add_adapters(base, lora, ("critic", "student"), seed=ctx.seed)
         teacher = critic = student = base  # the task makes them AdapterRoles of the base
     else:

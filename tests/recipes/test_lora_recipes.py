@@ -166,7 +166,7 @@ def _losses(run_dir: Path) -> tuple[list[float], list[float]]:
 
 def test_shared_base_dmd2_equals_three_copies_and_resumes(compose, tmp_path, base_dir, monkeypatch):
     seen = _captured(monkeypatch)
-    common = ["trainer.checkpoint_every_n_steps=3", "distill.gan=true"]
+    common = ["trainer.checkpoint_every_n_steps=3", "distill.gan=true", "distill.critic.optim.lr=1e-2"]
     shared, copies = tmp_path / "shared", tmp_path / "copies"
     run(compose(_dmd2(shared, base_dir, *common, "trainer.max_steps=5")))
     task = seen["task"]
@@ -192,6 +192,15 @@ def test_shared_base_dmd2_equals_three_copies_and_resumes(compose, tmp_path, bas
 
     student = load_dit(shared / "checkpoints" / "last.ckpt")  # the base + the student's EMA adapter
     assert student.task == "dmd2" and student.lora["adapter"] == "student" and student.weights == "ema"
+
+    # the critic learns: 12 iterations against the same ones with both learning rates 0 (same data and noise)
+    longer, frozen = tmp_path / "longer", tmp_path / "frozen"
+    run(compose(_dmd2(longer, base_dir, *common, "trainer.max_steps=12")))
+    lr0 = ["distill.critic.optim.lr=0", "distill.student.optim.lr=0"]
+    run(compose(_dmd2(frozen, base_dir, *common, "trainer.max_steps=12", *lr0)))
+    learned, still = _losses(longer)[0], _losses(frozen)[0]
+    assert learned[0] == still[0]
+    assert sum(learned[-4:]) < 0.95 * sum(still[-4:]), (learned, still)
 
     split = tmp_path / "split"
     run(compose(_dmd2(split, base_dir, *common, "trainer.max_steps=3")))
