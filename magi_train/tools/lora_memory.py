@@ -39,6 +39,19 @@ def _status_mib(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def state_mib(task) -> float:
+    """Bytes (MiB) of every distinct storage the task holds after training: parameters (a shared base counted
+    once), gradients, buffers (EMA), optimizer states. Exact, unlike the resident-set peaks beside it."""
+    import torch
+
+    tensors = [*task.parameters(), *task.buffers()]
+    tensors += [p.grad for p in task.parameters() if p.grad is not None]
+    for opt in task.trainer.optimizers:
+        tensors += [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values()) / 2**20
+
+
 def child(overrides: list[str]) -> None:
     """Run one variant; print {baseline, peak, train_peak, seconds} (MiB) as JSON on the last line. train_peak: the
     peak from the start of Trainer.fit (roles built and loaded) to the end, so loading transients do not count."""
@@ -52,17 +65,18 @@ def child(overrides: list[str]) -> None:
     baseline = _rss_mib()  # after the imports and the config
     fit, seen = run_module.fit, {}
 
-    def measured_fit(*args, **kwargs):
+    def measured_fit(ctx, nodes, task, *args, **kwargs):
         Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
-        out = fit(*args, **kwargs)
+        out = fit(ctx, nodes, task, *args, **kwargs)
         seen["train_peak"] = _status_mib("VmHWM")
+        seen["state"] = state_mib(task)
         return out
 
     run_module.fit = measured_fit
     start = time.perf_counter()
     run(cfg)
     print(json.dumps({"baseline": baseline, "peak": _rss_mib(), "train_peak": seen["train_peak"],
-                      "seconds": time.perf_counter() - start}))  # fmt: skip
+                      "state": seen["state"], "seconds": time.perf_counter() - start}))  # fmt: skip
 
 
 def write_base(out: Path, layers: int) -> Path:
@@ -131,14 +145,21 @@ def main(argv: list[str] | None = None) -> None:
             rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"DMD-2, `small` width cut to {a.layers} layers, teacher {a.teacher_dtype}, {a.steps} iterations, "
           f"{a.tokens} tokens; peak RSS above the post-import baseline (MiB)")  # fmt: skip
-    print("| variant | training peak MiB | vs copies | whole-run peak MiB | vs copies | seconds |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | model state MiB | vs copies | training peak RSS MiB | vs copies | whole-run peak RSS MiB "
+          "| vs copies | seconds |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     ref = rows.get("copies")
     for name, r in rows.items():
-        train, whole = r["train_peak"] - r["baseline"], r["peak"] - r["baseline"]
-        ratios = [f"{v / (ref[k] - ref['baseline']):.2f}x" if ref else "-" for v, k in ((train, "train_peak"),
-                  (whole, "peak"))]  # fmt: skip
-        print(f"| {name} | {train:,.0f} | {ratios[0]} | {whole:,.0f} | {ratios[1]} | {r['seconds']:.1f} |")
+        values = {
+            "state": r["state"],
+            "train_peak": r["train_peak"] - r["baseline"],
+            "peak": r["peak"] - r["baseline"],
+        }
+        cells = []
+        for key, value in values.items():
+            base = ref[key] - (0 if key == "state" else ref["baseline"]) if ref else None
+            cells += [f"{value:,.0f}", f"{value / base:.2f}x" if base else "-"]
+        print(f"| {name} | {' | '.join(cells)} | {r['seconds']:.1f} |")
 
 
 if __name__ == "__main__":
