@@ -377,11 +377,17 @@ _ADAPTER_EMA = ("ema.", "student_ema.")
 
 
 def _run_config(path: Path, kind: str) -> dict | None:
-    if kind == "lightning":
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return ckpt.get("magi_config") if isinstance(ckpt, dict) else None
-    if kind == "dcp" and (path / _DCP_META).is_file():
-        return torch.load(path / _DCP_META, map_location="cpu", weights_only=True).get("magi_config")
+    """The run config stored in one of our checkpoints; None if there is none or the file does not read (the
+    loaders then say what is wrong with it)."""
+    try:
+        if kind == "lightning":
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return ckpt.get("magi_config") if isinstance(ckpt, dict) else None
+        if kind == "dcp" and (path / _DCP_META).is_file():
+            meta = torch.load(path / _DCP_META, map_location="cpu", weights_only=True)
+            return meta.get("magi_config") if isinstance(meta, dict) else None
+    except Exception:  # torch raises several types for a corrupt or foreign file
+        return None
     return None
 
 

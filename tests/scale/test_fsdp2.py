@@ -32,7 +32,15 @@ pytestmark = pytest.mark.slow
 def _run(args: list[str], nproc: int = 1, timeout: int = 600) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *args]
+        # --standalone: a free port per launch (test workers may launch at the same time)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *args,
+        ]
     else:
         cmd = [sys.executable, *args]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
