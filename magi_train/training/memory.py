@@ -58,10 +58,8 @@ H100_GIB = 81559 / 1024  # H100 80GB: nvidia-smi reports 81,559 MiB of memory (7
 # H200 141GB (vendor spec): nvidia-smi reports 143,771 MiB (140.40 GiB; e.g. NVIDIA/cuda-samples issue 311)
 H200_GIB = 143771 / 1024
 LORA_TARGETS = ("linear_qkv", "linear_proj", "up_gate_proj", "down_proj")  # the block linears of every layer
-BASE_DTYPES = (
-    "bf16",
-    "fp8",
-)  # storage of LoRA's frozen base; fp8 = e4m3, 1 B + one fp32 scale per output row
+# storage of LoRA's frozen base: bf16 block linears, or fp8 e4m3 (1 B + one fp32 scale per output row)
+BASE_DTYPES = ("bf16", "fp8")
 TRAINABLE_BYTES = {"fp32_master": 4, "fp32_grads": 4, "adamw_states": 8}
 RECIPES = ("pretrain_base", "pretrain_sr", "dmd2_distill")
 # Saved activations under bf16 autocast, measured with `python -m magi_train.tools.plan --measure` (tiny's structure
@@ -142,11 +140,14 @@ def lora_linears(cfg: DiTConfig) -> list[list[tuple[int, int, int]]]:
     return layers
 
 
-def lora_parameters(cfg: DiTConfig, rank: int, per_layer: bool = False) -> int | list[int]:
-    """Adapter parameters of one adapter set of rank `rank`: E * r * (in + out) per target linear (list per layer
-    with per_layer)."""
-    counts = [sum(e * rank * (i + o) for e, i, o in layer) for layer in lora_linears(cfg)]
-    return counts if per_layer else sum(counts)
+def lora_layer_parameters(cfg: DiTConfig, rank: int) -> list[int]:
+    """Per layer, the parameters of its adapters of rank `rank`: E * r * (in + out) per target linear."""
+    return [sum(e * rank * (i + o) for e, i, o in layer) for layer in lora_linears(cfg)]
+
+
+def lora_parameters(cfg: DiTConfig, rank: int) -> int:
+    """Parameters of one adapter set of rank `rank` (every layer's targets)."""
+    return sum(lora_layer_parameters(cfg, rank))
 
 
 def lora_activation_bytes(cfg: DiTConfig, rank: int, tokens: int, activation_checkpointing: bool) -> int:
@@ -304,9 +305,11 @@ def plan(cfg: DiTConfig, spec: PlanSpec) -> list[PlanRow]:
         frozen = teacher_bytes(params, spec.base_dtype)  # ONE base: LoRA pretraining's and every DMD-2 role's
         ema = 4 * adapter
         act += lora_activation_bytes(cfg, spec.lora_rank, tokens, spec.activation_checkpointing)
-        stored = 1 if spec.base_dtype == "fp8" else 2
-        largest_adapter = max(lora_parameters(cfg, spec.lora_rank, per_layer=True))
-        gathered = (2 * stored + (2 if stored == 1 else 0)) * params.largest_layer + 4 * largest_adapter
+        # two base layers gathered in their storage dtype, one of them dequantised to bf16 when fp8; the fp32
+        # gradients of one layer's adapters before their reduce-scatter
+        per_param = 2 * 1 + 2 if spec.base_dtype == "fp8" else 2 * 2
+        largest_adapter = max(lora_layer_parameters(cfg, spec.lora_rank))
+        gathered = per_param * params.largest_layer + 4 * largest_adapter
     else:
         trained = roles * trainable_bytes(params)
         frozen = teacher_bytes(params, spec.teacher_dtype) if roles == 2 else 0
@@ -407,6 +410,7 @@ __all__ = [
     "format_plan",
     "format_plan_rows",
     "lora_activation_bytes",
+    "lora_layer_parameters",
     "lora_linears",
     "lora_parameters",
     "measure_activation_bytes",
