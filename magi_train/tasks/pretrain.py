@@ -147,8 +147,9 @@ class PretrainTask(L.LightningModule):
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
         self.log("train/loss_video", out["loss_video"], batch_size=n)
         self.log("train/loss_audio", out["loss_audio"], batch_size=n)
-        self.log("train/sigma_video", out["sigma_mean"], batch_size=n)  # the batch's mean drawn levels
-        self.log("train/sigma_audio", out["sigma_audio_mean"], batch_size=n)
+        for key, name in (("sigma_mean", "sigma_video"), ("sigma_audio_mean", "sigma_audio")):
+            if key in out:  # the batch's mean drawn levels (SR draws no audio level)
+                self.log(f"train/{name}", out[key], batch_size=n)
         self.log("train/clips", float(n), batch_size=n)
         self.log("train/tokens", float(batch.num_tokens), batch_size=n)
         return out["loss"]

@@ -253,3 +253,15 @@ def test_audio_sigma_reaches_the_audio_input_and_pretrain_sr_refuses_it():
     with pytest.raises(ValueError, match="flow.audio_sigma=independent has no meaning in pretrain_sr"):
         SuperResolutionTask(_Echo(), FlowConfig(audio_sigma="independent"), OptimConfig(), max_steps=1, text_dim=8,
                             sr_alpha=0.8, sr_audio_noise=0.7, sr_factor=2)  # fmt: skip
+
+
+def test_audio_sigma_study_choices():
+    from magi_train.tools.audio_sigma_study import parse_choice
+
+    assert parse_choice("shared") == ("shared", 0.0) and parse_choice("correlated:-0.25") == (
+        "correlated",
+        -0.25,
+    )
+    for bad in ("joint", "independent:0.5", "correlated:high"):
+        with pytest.raises(ValueError, match=f"choice '{bad}'"):
+            parse_choice(bad)
