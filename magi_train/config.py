@@ -63,6 +63,11 @@ class FlowConfig:
     sigma_mean: float = 0.0
     sigma_std: float = 1.0
     shift: float = 1.0  # time shift applied to the sampled sigma; the released sampler uses 5.0
+    # audio's noise level per clip (flow/matching.py sample_sigma_pair): shared = the video's (released schedule);
+    # independent = its own draw of the same marginal; correlated = same marginal, Gaussian copula with
+    # audio_sigma_correlation in [-1, 1] (the correlation of the underlying normals; 1 = shared, 0 = independent)
+    audio_sigma: str = "shared"  # shared | independent | correlated
+    audio_sigma_correlation: float = 0.5  # read by audio_sigma=correlated only
     video_loss_weight: float = 1.0
     audio_loss_weight: float = 1.0
     # conditioning mode mixture (weights, normalised): t2v, i2v (clean first frame), a2v (clean audio)

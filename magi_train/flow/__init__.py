@@ -1,8 +1,10 @@
 """Flow-matching math: noising path, sigma sampling, losses, conditioning (pure functions)."""
 
 from magi_train.flow.matching import (
+    AUDIO_SIGMA,
     Mode,
     add_noise,
+    check_audio_sigma,
     condition_velocities,
     drop_text,
     impose_conditions,
@@ -11,14 +13,17 @@ from magi_train.flow.matching import (
     noise_clip,
     sample_modes,
     sample_sigma,
+    sample_sigma_pair,
     shift_sigma,
     velocity_target,
     x0_from_velocity,
 )
 
 __all__ = [
+    "AUDIO_SIGMA",
     "Mode",
     "add_noise",
+    "check_audio_sigma",
     "condition_velocities",
     "drop_text",
     "impose_conditions",
@@ -27,6 +32,7 @@ __all__ = [
     "noise_clip",
     "sample_modes",
     "sample_sigma",
+    "sample_sigma_pair",
     "shift_sigma",
     "velocity_target",
     "x0_from_velocity",

@@ -6,6 +6,7 @@ The model is timestep-free, so the noise level s appears only here and in the sa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from enum import StrEnum
 
@@ -41,6 +42,20 @@ def x0_from_velocity(x: Tensor, v: Tensor, sigma: Tensor | float) -> Tensor:
     return x - sigma * v
 
 
+def _draw(n: int, kind: str, generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+    """The underlying variable of a sigma marginal: u ~ U[0, 1) (uniform) or z ~ N(0, 1) (logit_normal)."""
+    if kind == "uniform":
+        return torch.rand(n, generator=generator, device=device)
+    if kind == "logit_normal":
+        return torch.randn(n, generator=generator, device=device)
+    raise ValueError(f"unknown sigma sampling {kind!r}: use 'uniform' or 'logit_normal'")
+
+
+def _to_sigma(raw: Tensor, kind: str, shift: float, mean: float, std: float) -> Tensor:
+    s = raw if kind == "uniform" else torch.sigmoid(mean + std * raw)
+    return shift_sigma(s, shift)
+
+
 def sample_sigma(
     n: int,
     kind: str = "logit_normal",
@@ -54,13 +69,65 @@ def sample_sigma(
 
     With shift = 5 the training distribution leans to high noise like the released sampler's schedule.
     """
-    if kind == "uniform":
-        s = torch.rand(n, generator=generator, device=device)
-    elif kind == "logit_normal":
-        s = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+    return _to_sigma(_draw(n, kind, generator, device), kind, shift, mean, std)
+
+
+AUDIO_SIGMA = ("shared", "independent", "correlated")
+
+
+def check_audio_sigma(audio_sigma: str, correlation: float) -> None:
+    """ValueError for an unknown `flow.audio_sigma` or a copula correlation outside [-1, 1]."""
+    if audio_sigma not in AUDIO_SIGMA:
+        raise ValueError(f"flow.audio_sigma={audio_sigma!r}: use one of {list(AUDIO_SIGMA)}")
+    if not -1.0 <= correlation <= 1.0:
+        raise ValueError(
+            f"flow.audio_sigma_correlation={correlation}: a correlation in [-1, 1] (Gaussian copula)"
+        )
+
+
+def sample_sigma_pair(
+    n: int,
+    kind: str = "logit_normal",
+    shift: float = 1.0,
+    mean: float = 0.0,
+    std: float = 1.0,
+    audio_sigma: str = "shared",
+    correlation: float = 0.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """(video sigma [n], audio sigma [n]): per-clip noise levels of the two modalities.
+
+    The DiT is timestep-free, so it has to read each modality's noise level off its own input. LTX-2's trainer
+    noises audio and video at independent levels (issue 11) so that the model learns them separately (and can
+    denoise one modality given a cleaner other); we offer that besides the released joint schedule:
+
+    - shared: audio takes the clip's video level (the released sampler runs one schedule). Draws exactly what
+      `sample_sigma` draws (same generator use), so losses are bit-identical to training without this option.
+    - independent: a second draw of the same marginal (kind, mean, std, shift).
+    - correlated: the same marginal, coupled by a Gaussian copula: the underlying standard normals z (of the
+      logit-normal, or Phi^-1(u) of the uniform) have correlation `correlation` in [-1, 1]. The shift and the
+      marginal transforms are monotone, so the rank correlation of the drawn levels is (6/pi) asin(rho/2) for
+      either kind; 1 gives shared levels, 0 independent ones, negative values opposite ones.
+    The video levels are the same draw in every mode (the first n values of the generator's stream).
+    """
+    check_audio_sigma(audio_sigma, correlation)
+    raw = _draw(n, kind, generator, device)
+    video = _to_sigma(raw, kind, shift, mean, std)
+    if audio_sigma == "shared":
+        return video, video
+    fresh = _draw(n, kind, generator, device)
+    if audio_sigma == "independent":
+        return video, _to_sigma(fresh, kind, shift, mean, std)
+    # correlated: mix the video draw's underlying normal with a fresh one, z_a = rho z_v + sqrt(1 - rho^2) w
+    if kind == "uniform":  # to normals and back: Phi^-1(u), Phi(z); clamped so that u = 0 stays finite
+        tiny = torch.finfo(raw.dtype).eps
+        z_video, w = (math.sqrt(2) * torch.erfinv(2 * u.clamp(tiny, 1 - tiny) - 1) for u in (raw, fresh))
     else:
-        raise ValueError(f"unknown sigma sampling {kind!r}: use 'uniform' or 'logit_normal'")
-    return shift_sigma(s, shift)
+        z_video, w = raw, fresh
+    z = correlation * z_video + math.sqrt(1 - correlation**2) * w
+    audio_raw = 0.5 * (1 + torch.erf(z / math.sqrt(2))) if kind == "uniform" else z
+    return video, _to_sigma(audio_raw, kind, shift, mean, std)
 
 
 def noise_clip(
@@ -71,8 +138,10 @@ def noise_clip(
     audio_eps: Tensor,
     mode: Mode,
     image: Tensor | None = None,
+    audio_sigma: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Noisy model inputs of one clip for its conditioning mode; video and audio share the noise level.
+    """Noisy model inputs of one clip for its conditioning mode; audio is noised at `audio_sigma` (None: the
+    video's `sigma`, the released joint schedule; `sample_sigma_pair` draws both).
 
     i2v: the clean first latent frame (`image`, or frame 0 of the clean video) replaces frame 0 of the
     noisy video, with no extra token or flag (spec §4.6). a2v: the clean audio latent is the audio input.
@@ -83,7 +152,10 @@ def noise_clip(
         first = video[:, :1] if image is None else image.to(video)
     clean = audio if mode == Mode.A2V else None
     (video_in,), (audio_in,) = impose_conditions(
-        [add_noise(video, video_eps, sigma)], [add_noise(audio, audio_eps, sigma)], [first], [clean]
+        [add_noise(video, video_eps, sigma)],
+        [add_noise(audio, audio_eps, sigma if audio_sigma is None else audio_sigma)],
+        [first],
+        [clean],
     )
     return video_in, audio_in, first
 

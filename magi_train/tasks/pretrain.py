@@ -17,11 +17,12 @@ from magi_train.config import FlowConfig, OptimConfig
 from magi_train.data.reader import ClipBatch
 from magi_train.flow import (
     Mode,
+    check_audio_sigma,
     drop_text,
     joint_flow_loss,
     noise_clip,
     sample_modes,
-    sample_sigma,
+    sample_sigma_pair,
     velocity_target,
 )
 from magi_train.models.dit import DiT
@@ -84,6 +85,7 @@ class PretrainTask(L.LightningModule):
         self.sharded_ema = sharded_ema
         self.ema: ShardedEMA | None = None
         self._configured = False
+        check_audio_sigma(flow_cfg.audio_sigma, flow_cfg.audio_sigma_correlation)  # before any training
         self.flow_cfg, self.optim_cfg = flow_cfg, optim_cfg
         self.max_steps, self.seed = max_steps, seed
         self.guard = NonFiniteGuard(max_nonfinite_steps)
@@ -115,12 +117,21 @@ class PretrainTask(L.LightningModule):
 
     # -- the objective -----------------------------------------------------------------------------------
 
-    def flow_loss(self, batch: ClipBatch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """One flow-matching loss evaluation on a packed batch (also used for validation, seeded)."""
+    def flow_loss(
+        self,
+        batch: ClipBatch,
+        generator: torch.Generator | None = None,
+        sigmas: tuple[Tensor, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """One flow-matching loss evaluation on a packed batch (also used for validation, seeded). sigmas: fixed
+        (video [N], audio [N]) noise levels instead of drawn ones (evaluation at common levels)."""
         f, n, dev = self.flow_cfg, len(batch), self.device
-        sigma = sample_sigma(n, f.sigma_sampling, f.shift, f.sigma_mean, f.sigma_std, generator=generator).to(
-            dev
-        )
+        if sigmas is None:
+            sigmas = sample_sigma_pair(
+                n, f.sigma_sampling, f.shift, f.sigma_mean, f.sigma_std, f.audio_sigma,
+                f.audio_sigma_correlation, generator=generator,
+            )  # fmt: skip
+        sigma, audio_sigma = (s.to(dev) for s in sigmas)
         modes = sample_modes(n, f.mode_probs, generator=generator)
         drop = torch.rand(n, generator=generator) < f.text_drop_prob
         video_in, audio_in, v_target, a_target = [], [], [], []
@@ -128,7 +139,9 @@ class PretrainTask(L.LightningModule):
             video, audio = batch.video[i], batch.audio[i]
             v_eps = torch.randn(video.shape, generator=generator).to(video)
             a_eps = torch.randn(audio.shape, generator=generator).to(audio)
-            vi, ai, _ = noise_clip(video, audio, sigma[i], v_eps, a_eps, modes[i], batch.image[i])
+            vi, ai, _ = noise_clip(
+                video, audio, sigma[i], v_eps, a_eps, modes[i], batch.image[i], audio_sigma[i]
+            )
             video_in.append(vi)
             audio_in.append(ai)
             v_target.append(velocity_target(video, v_eps))
@@ -139,6 +152,7 @@ class PretrainTask(L.LightningModule):
             pred_video, pred_audio, v_target, a_target, modes, f.video_loss_weight, f.audio_loss_weight
         )
         out["sigma_mean"] = sigma.mean()
+        out["sigma_audio_mean"] = audio_sigma.mean()
         out["frac_i2v"] = torch.tensor(sum(m == Mode.I2V for m in modes) / n)
         out["frac_a2v"] = torch.tensor(sum(m == Mode.A2V for m in modes) / n)
         return out
@@ -155,6 +169,9 @@ class PretrainTask(L.LightningModule):
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
         self.log("train/loss_video", out["loss_video"], batch_size=n)
         self.log("train/loss_audio", out["loss_audio"], batch_size=n)
+        for key, name in (("sigma_mean", "sigma_video"), ("sigma_audio_mean", "sigma_audio")):
+            if key in out:  # the batch's mean drawn levels (SR draws no audio level)
+                self.log(f"train/{name}", out[key], batch_size=n)
         self.log("train/clips", float(n), batch_size=n)
         self.log("train/tokens", float(batch.num_tokens), batch_size=n)
         return out["loss"]

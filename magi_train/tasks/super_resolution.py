@@ -38,6 +38,12 @@ class SuperResolutionTask(PretrainTask):
 
     def __init__(self, *args, sr_alpha: float, sr_audio_noise: float, sr_factor: int, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.flow_cfg.audio_sigma != "shared":
+            raise ValueError(
+                f"flow.audio_sigma={self.flow_cfg.audio_sigma} has no meaning in pretrain_sr: its audio is the fixed "
+                "condition 0.7*eps + 0.3*audio (sr.audio_noise_scale), not noised along the flow path, and its loss is "
+                "video only; leave flow.audio_sigma=shared"
+            )
         self.sr_alpha, self.sr_audio_noise, self.sr_factor = sr_alpha, sr_audio_noise, sr_factor
 
     def flow_loss(self, batch: ClipBatch, generator: torch.Generator | None = None) -> dict[str, Tensor]:

@@ -22,8 +22,24 @@ autocast (`measure_activation_bytes`, with and without activation checkpointing)
 unit, and scaled by hidden size x layers x the tokens of this GPU (its micro-batch / cp). DMD-2 trains one role at
 a time (the student's backward ends before the critic's forward), so it counts one role's activations.
 
+LoRA (`lora_rank`, issue 11): adapters A [r, in] and B [out, r] on the four block linears (linear_qkv, linear_proj,
+up_gate_proj, down_proj) of every layer, one pair per expert in the modality-specific layers (`mm_layers`: E = 3,
+the ModalityLinear weight [E*out, in]; E = 1 elsewhere): E * r * (in + out) parameters per linear
+(`lora_parameters`). Adapters train at 16 B per parameter like a trainable role (their EMA 4 B); the base is frozen
+(no gradients, no optimizer state) and stored as `base_dtype`: bf16 block linears (2 B) or fp8 e4m3 (1 B plus one
+fp32 scale per output channel), the rest fp32. LoRA pretraining holds one base + one adapter set; shared-base DMD-2
+holds ONE base (the teacher; critic and student are base + their own adapter) + two adapter sets + the student
+adapter's EMA, against three full copies without LoRA. Activations are those of the trained forward, as above (the
+backward still runs through the frozen base; the input a frozen linear no longer saves for its weight gradient is
+saved for the adapter's), plus the r-wide adapter intermediates, 4 targets x r x 2 B per token and layer (bf16):
+256 B per token per layer at r = 32, 0.04% of a 15B layer's 589 kB (counted, `lora_activation_bytes`).
+`transient` under fsdp2: two gathered base layers in the storage dtype, one layer dequantised to bf16 (fp8), the
+fp32 gradients of one layer's adapters.
+
 NOT counted: the CUDA context and allocator fragmentation (the `margin`), communication buffers, attention
-workspaces (flash attention needs O(tokens) extra), the optional GAN head (about 2 h^2 parameters).
+workspaces (flash attention needs O(tokens) extra), the optional GAN head of DMD-2 (about 2 h^2 parameters, in no
+row), LoRA dropout (with dropout > 0 each target also saves its dropped input and mask, ~3 B per input unit per
+token: about 15% of an unchecked layer; the rows assume dropout 0).
 """
 
 from __future__ import annotations
@@ -39,6 +55,11 @@ from magi_train.models.dit import PATCH, DiT, DiTConfig
 
 GIB = 2**30
 H100_GIB = 81559 / 1024  # H100 80GB: nvidia-smi reports 81,559 MiB of memory (79.65 GiB)
+# H200 141GB (vendor spec): nvidia-smi reports 143,771 MiB (140.40 GiB; e.g. NVIDIA/cuda-samples issue 311)
+H200_GIB = 143771 / 1024
+LORA_TARGETS = ("linear_qkv", "linear_proj", "up_gate_proj", "down_proj")  # the block linears of every layer
+# storage of LoRA's frozen base: bf16 block linears, or fp8 e4m3 (1 B + one fp32 scale per output row)
+BASE_DTYPES = ("bf16", "fp8")
 TRAINABLE_BYTES = {"fp32_master": 4, "fp32_grads": 4, "adamw_states": 8}
 RECIPES = ("pretrain_base", "pretrain_sr", "dmd2_distill")
 # Saved activations under bf16 autocast, measured with `python -m magi_train.tools.plan --measure` (tiny's structure
@@ -57,34 +78,83 @@ class RoleParameters:
     block_linear: int
     other: int
     largest_layer: int  # parameters of the biggest TransformerLayer (the unit FSDP all-gathers)
+    block_linear_rows: int = 0  # output channels of the block linears (one fp8 scale each)
 
     @property
     def total(self) -> int:
         return self.block_linear + self.other
 
 
+_COUNTED: dict[str, RoleParameters] = {}  # by repr(cfg): a table plans one model many times
+
+
 def role_parameters(cfg: DiTConfig) -> RoleParameters:
     """Count the DiT's parameters on the meta device (no memory), split by the released dtype policy."""
+    key = repr(cfg)
+    if key not in _COUNTED:
+        _COUNTED[key] = _count(cfg)
+    return copy.copy(_COUNTED[key])
+
+
+def _count(cfg: DiTConfig) -> RoleParameters:
     with torch.device("meta"):
         model = DiT(cfg)
-    bf16 = sum(p.numel() for n, p in model.named_parameters() if released_dtype(n, "base") == torch.bfloat16)
+    block = [p for n, p in model.named_parameters() if released_dtype(n, "base") == torch.bfloat16]
+    bf16 = sum(p.numel() for p in block)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in layer.parameters()) for layer in model.block.layers)
-    return RoleParameters(block_linear=bf16, other=total - bf16, largest_layer=largest)
+    rows = sum(p.shape[0] for p in block)
+    return RoleParameters(
+        block_linear=bf16, other=total - bf16, largest_layer=largest, block_linear_rows=rows
+    )
 
 
 def teacher_bytes(params: RoleParameters, dtype: str = "bf16") -> int:
-    """Bytes of the frozen teacher's weights (whole model, before sharding)."""
+    """Bytes of a frozen model's weights (the DMD-2 teacher, LoRA's base; whole model, before sharding): block
+    linears in `dtype` (fp8: 1 B + a 4 B scale per output channel), the rest fp32 (fp32: all of it)."""
     if dtype == "bf16":
         return 2 * params.block_linear + 4 * params.other
+    if dtype == "fp8":
+        return params.block_linear + 4 * params.block_linear_rows + 4 * params.other
     if dtype == "fp32":
         return 4 * params.total
-    raise ValueError(f"teacher dtype {dtype!r}: use bf16 or fp32")
+    raise ValueError(f"frozen weights dtype {dtype!r}: use bf16, fp8 or fp32")
 
 
 def trainable_bytes(params: RoleParameters) -> int:
     """Bytes of one trainable role's master weights, gradients and AdamW states (before sharding)."""
     return sum(TRAINABLE_BYTES.values()) * params.total
+
+
+def lora_linears(cfg: DiTConfig) -> list[list[tuple[int, int, int]]]:
+    """Per layer, (experts E, in, out per expert) of each LoRA target in LORA_TARGETS order, from the config (the
+    layout of models/dit.py: q | k | v | one gate row per query head; SwiGLU7 up_gate has 2x rows)."""
+    h, d, hq, hkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads_q, cfg.num_heads_kv
+    qkv = (hq + 2 * hkv) * d + (hq if cfg.enable_attn_gating else 0)
+    layers = []
+    for i in range(cfg.num_layers):
+        e = 3 if i in cfg.mm_layers else 1
+        gelu = i in cfg.gelu7_layers
+        inter = cfg.gelu7_intermediate if gelu else cfg.swiglu7_intermediate
+        layers.append([(e, h, qkv), (e, hq * d, h), (e, h, inter if gelu else 2 * inter), (e, inter, h)])
+    return layers
+
+
+def lora_layer_parameters(cfg: DiTConfig, rank: int) -> list[int]:
+    """Per layer, the parameters of its adapters of rank `rank`: E * r * (in + out) per target linear."""
+    return [sum(e * rank * (i + o) for e, i, o in layer) for layer in lora_linears(cfg)]
+
+
+def lora_parameters(cfg: DiTConfig, rank: int) -> int:
+    """Parameters of one adapter set of rank `rank` (every layer's targets)."""
+    return sum(lora_layer_parameters(cfg, rank))
+
+
+def lora_activation_bytes(cfg: DiTConfig, rank: int, tokens: int, activation_checkpointing: bool) -> int:
+    """Saved r-wide adapter intermediates (bf16) of one training forward: per token, 4 targets x r x 2 B per layer;
+    with checkpointing, of the one layer its backward recomputes."""
+    layers = 1 if activation_checkpointing else cfg.num_layers
+    return len(LORA_TARGETS) * rank * 2 * tokens * layers
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -204,6 +274,10 @@ class PlanSpec:
     teacher_dtype: str = "bf16"
     ema: bool = True
     gpus: tuple[int, ...] = field(default=(8, 16, 32, 64))
+    # LoRA (issue 11): adapters of this rank train on a frozen base stored in base_dtype (bf16 | fp8); DMD-2 then
+    # shares one base between teacher, critic and student. None: full training (every parameter, three DMD-2 copies)
+    lora_rank: int | None = None
+    base_dtype: str = "bf16"
 
 
 def plan(cfg: DiTConfig, spec: PlanSpec) -> list[PlanRow]:
@@ -214,23 +288,45 @@ def plan(cfg: DiTConfig, spec: PlanSpec) -> list[PlanRow]:
         raise ValueError(f"strategy {spec.strategy!r}: plan fsdp2 or ddp")
     if spec.strategy == "ddp" and spec.cp != 1:
         raise ValueError("context parallelism (cp > 1) needs strategy fsdp2")
+    lora = spec.lora_rank is not None
+    if lora and spec.lora_rank < 1:
+        raise ValueError(f"lora_rank {spec.lora_rank}: a rank >= 1 (None plans full training)")
+    if spec.base_dtype not in BASE_DTYPES:
+        raise ValueError(f"base_dtype {spec.base_dtype!r}: use one of {BASE_DTYPES}")
+    if spec.base_dtype != "bf16" and not lora:
+        raise ValueError(f"base_dtype {spec.base_dtype} is the frozen base of LoRA: set lora_rank too")
     params = role_parameters(cfg)
     roles = 2 if spec.recipe == "dmd2_distill" else 1
-    act = activation_bytes(cfg, math.ceil(spec.tokens / spec.cp), spec.activation_checkpointing)
+    tokens = math.ceil(spec.tokens / spec.cp)
+    act = activation_bytes(cfg, tokens, spec.activation_checkpointing)
+    if lora:
+        adapter = lora_parameters(cfg, spec.lora_rank)
+        trained = roles * sum(TRAINABLE_BYTES.values()) * adapter  # critic + student adapters in DMD-2
+        frozen = teacher_bytes(params, spec.base_dtype)  # ONE base: LoRA pretraining's and every DMD-2 role's
+        ema = 4 * adapter
+        act += lora_activation_bytes(cfg, spec.lora_rank, tokens, spec.activation_checkpointing)
+        # two base layers gathered in their storage dtype, one of them dequantised to bf16 when fp8; the fp32
+        # gradients of one layer's adapters before their reduce-scatter
+        per_param = 2 * 1 + 2 if spec.base_dtype == "fp8" else 2 * 2
+        largest_adapter = max(lora_layer_parameters(cfg, spec.lora_rank))
+        gathered = per_param * params.largest_layer + 4 * largest_adapter
+    else:
+        trained = roles * trainable_bytes(params)
+        frozen = teacher_bytes(params, spec.teacher_dtype) if roles == 2 else 0
+        ema = 4 * params.total
+        gathered = (2 * 2 + 4) * params.largest_layer
     rows = []
     for n in spec.gpus:
         if n < 1 or n % spec.cp:
             raise ValueError(f"{n} GPUs cannot hold cp={spec.cp} groups")
         shards = n if spec.strategy == "fsdp2" else 1
-        transient = (
-            (2 * 2 + 4) * params.largest_layer if spec.strategy == "fsdp2" else 2 * params.largest_layer
-        )
+        transient = gathered if spec.strategy == "fsdp2" else 2 * params.largest_layer
         rows.append(
             PlanRow(
                 gpus=n,
-                trainable=roles * trainable_bytes(params) / shards / GIB,
-                teacher=(teacher_bytes(params, spec.teacher_dtype) / shards / GIB) if roles == 2 else 0.0,
-                ema=(4 * params.total / shards / GIB) if spec.ema else 0.0,
+                trainable=trained / shards / GIB,
+                teacher=frozen / shards / GIB,
+                ema=(ema / shards / GIB) if spec.ema else 0.0,
                 transient=transient / GIB,
                 activations=act / GIB,
             )
@@ -239,15 +335,29 @@ def plan(cfg: DiTConfig, spec: PlanSpec) -> list[PlanRow]:
 
 
 def format_plan(rows: list[PlanRow], gpu_gib: float = H100_GIB) -> str:
-    """A markdown table of per-GPU GiB and what is left of `gpu_gib`."""
+    """A markdown table of per-GPU GiB and what is left of `gpu_gib` ("frozen": the DMD-2 teacher, LoRA's base)."""
     lines = [
-        f"| GPUs | trained roles | teacher | EMA | transient | activations | total | left of {gpu_gib:.2f} GiB |",
+        f"| GPUs | trained roles | frozen | EMA | transient | activations | total | left of {gpu_gib:.2f} GiB |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r.gpus} | {r.trainable:.2f} | {r.teacher:.2f} | {r.ema:.2f} | {r.transient:.2f} | "
             f"{r.activations:.2f} | {r.total:.2f} | {gpu_gib - r.total:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def format_plan_rows(entries: list[tuple[str, str, float, PlanRow]]) -> str:
+    """A markdown table of (setting, device name, device GiB, row): rows of different settings and devices."""
+    lines = [
+        "| setting | GPUs | trained | frozen | EMA | transient | activations | total | device | left |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for setting, device, gib, r in entries:
+        lines.append(
+            f"| {setting} | {r.gpus} | {r.trainable:.2f} | {r.teacher:.2f} | {r.ema:.2f} | {r.transient:.2f} | "
+            f"{r.activations:.2f} | {r.total:.2f} | {device} ({gib:.2f}) | {gib - r.total:.2f} |"
         )
     return "\n".join(lines)
 
@@ -287,7 +397,10 @@ __all__ = [
     "ACT_LAYER",
     "ACT_OUTSIDE_FIXED",
     "ACT_OUTSIDE_PER_HIDDEN",
+    "BASE_DTYPES",
     "H100_GIB",
+    "H200_GIB",
+    "LORA_TARGETS",
     "PlanRow",
     "PlanSpec",
     "RoleParameters",
@@ -295,6 +408,11 @@ __all__ = [
     "check_plan",
     "clip_tokens",
     "format_plan",
+    "format_plan_rows",
+    "lora_activation_bytes",
+    "lora_layer_parameters",
+    "lora_linears",
+    "lora_parameters",
     "measure_activation_bytes",
     "measure_constants",
     "parse_clip",

@@ -104,9 +104,10 @@ def sharded(strategy: StrategyConfig) -> bool:
 
 def memory_plan(
     ctx: RunContext, nodes: TrainerNodes, model_cfg: DiTConfig, recipe: str, ac: bool, ema: bool,
-    teacher_dtype: str = "bf16",
+    teacher_dtype: str = "bf16", lora_rank: int | None = None, base_dtype: str = "bf16",
 ):  # fmt: skip
-    """(PlanSpec, its PlanRow for this run's GPU count) of training/memory.py."""
+    """(PlanSpec, its PlanRow for this run's GPU count) of training/memory.py; lora_rank / base_dtype: LoRA on a
+    frozen base (DMD-2: one base shared by the roles)."""
     from magi_train.training.memory import PlanSpec, clip_tokens, plan
 
     devices = nodes.trainer.devices
@@ -114,7 +115,8 @@ def memory_plan(
     strategy = "fsdp2" if sharded(nodes.strategy) else "ddp"
     spec = PlanSpec(
         recipe=recipe, strategy=strategy, cp=nodes.strategy.cp, tokens=ctx.plan_tokens or clip_tokens(448, 256, 5),
-        activation_checkpointing=ac, teacher_dtype=teacher_dtype, ema=ema, gpus=(gpus,),
+        activation_checkpointing=ac, teacher_dtype=teacher_dtype, ema=ema, gpus=(gpus,), lora_rank=lora_rank,
+        base_dtype=base_dtype,
     )  # fmt: skip
     return spec, plan(model_cfg, spec)[0]
 
@@ -124,7 +126,9 @@ def print_plan(spec, row) -> None:
 
     print(
         f"memory plan ({spec.recipe}, {spec.strategy}, cp {spec.cp}, {spec.tokens:,} tokens per micro-batch, "
-        f"activation checkpointing {spec.activation_checkpointing}; GiB per GPU, python -m magi_train.tools.plan):"
+        f"activation checkpointing {spec.activation_checkpointing}"
+        + (f", LoRA rank {spec.lora_rank} on a {spec.base_dtype} frozen base" if spec.lora_rank else "")
+        + "; GiB per GPU, python -m magi_train.tools.plan):"
     )
     print(format_plan([row]))
 

@@ -217,3 +217,51 @@ def test_values_are_logged_on_the_step_they_belong_to(compose, tmp_path):
     for step, row in rows[5].items():
         assert row["train/grad_norm"] == rows[1][step]["train/grad_norm"], step
         assert row["train/loss"] == rows[1][step]["train/loss"], step
+
+
+class _Echo(torch.nn.Module):
+    """Stands in for the DiT: predicts its noisy inputs, so flow_loss's inputs can be read off what it saw."""
+
+    def forward(self, video, audio, text):
+        self.seen = (video, audio)
+        return video, audio
+
+
+def test_audio_sigma_reaches_the_audio_input_and_pretrain_sr_refuses_it():
+    from magi_train.config import FlowConfig, OptimConfig
+    from magi_train.data.reader import ClipBatch
+    from magi_train.tasks.pretrain import PretrainTask
+    from magi_train.tasks.super_resolution import SuperResolutionTask
+
+    g = torch.Generator().manual_seed(0)
+    video, audio = torch.randn(48, 2, 2, 2, generator=g), torch.randn(5, 64, generator=g)
+    batch = ClipBatch(keys=["a"], video=[video], audio=[audio], text=[torch.zeros(1, 8)], image=[None])
+    flow = FlowConfig(mode_probs={"t2v": 1.0}, text_drop_prob=0.0)
+    task = PretrainTask(_Echo(), flow, OptimConfig(), max_steps=1, text_dim=8)
+    # video clean (s = 0), audio pure noise (s = 1), and the reverse: each modality at its own level
+    task.flow_loss(batch, g, sigmas=(torch.zeros(1), torch.ones(1)))
+    (v_in,), (a_in,) = task.model.seen
+    assert torch.equal(v_in, video) and not torch.allclose(a_in, audio, atol=0.1)
+    task.flow_loss(batch, g, sigmas=(torch.ones(1), torch.zeros(1)))
+    (v_in,), (a_in,) = task.model.seen
+    assert torch.equal(a_in, audio) and not torch.allclose(v_in, video, atol=0.1)
+    with pytest.raises(ValueError, match="flow.audio_sigma='both': use one of"):
+        PretrainTask(_Echo(), FlowConfig(audio_sigma="both"), OptimConfig(), max_steps=1, text_dim=8)
+    with pytest.raises(ValueError, match=r"audio_sigma_correlation=-2.0: a correlation in \[-1, 1\]"):
+        PretrainTask(_Echo(), FlowConfig(audio_sigma="correlated", audio_sigma_correlation=-2.0), OptimConfig(),
+                     max_steps=1, text_dim=8)  # fmt: skip
+    with pytest.raises(ValueError, match="flow.audio_sigma=independent has no meaning in pretrain_sr"):
+        SuperResolutionTask(_Echo(), FlowConfig(audio_sigma="independent"), OptimConfig(), max_steps=1, text_dim=8,
+                            sr_alpha=0.8, sr_audio_noise=0.7, sr_factor=2)  # fmt: skip
+
+
+def test_audio_sigma_study_choices():
+    from magi_train.tools.audio_sigma_study import parse_choice
+
+    assert parse_choice("shared") == ("shared", 0.0) and parse_choice("correlated:-0.25") == (
+        "correlated",
+        -0.25,
+    )
+    for bad in ("joint", "independent:0.5", "correlated:high"):
+        with pytest.raises(ValueError, match=f"choice '{bad}'"):
+            parse_choice(bad)
