@@ -30,6 +30,7 @@ from magi_train.flow.dmd_metrics import distill_metrics
 from magi_train.flow.matching import Mode, condition_velocities, drop_text, impose_conditions, sample_modes
 from magi_train.flow.sampling import sample_distilled, sample_unipc
 from magi_train.models.dit import TEXT, DiT, PackedSeq
+from magi_train.models.tread import seed_tread
 from magi_train.tasks.ema import EMA_KEY, ShardedEMA
 from magi_train.tasks.guard import NonFiniteGuard, check_checkpoint_finite, grad_norm
 from magi_train.tasks.optim import build_optimizer
@@ -353,6 +354,7 @@ class DMD2Task(L.LightningModule):
         # every random draw of this micro-batch comes from streams of (iteration, data index): the same whether the
         # micro-batches of an iteration are spread over ranks or accumulated (cp ranks share their index)
         index = micro_index(self, micro, acc)
+        seed_tread(stream_seed(self.seed, it, "tread", index), self.student, self.critic)  # TREAD's choice
         opt_s, opt_c = self.optimizers()
         sched_s, sched_c = self.lr_schedulers()
         noise_gen = self._generator(it, "train", index=index)
