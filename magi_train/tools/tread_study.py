@@ -47,7 +47,8 @@ def val_loss(task: PretrainTask, val: list[ClipBatch]) -> float:
     task.eval()
     with torch.no_grad():
         losses = [
-            task.flow_loss(b, torch.Generator().manual_seed(1000 + i))["loss"].item() for i, b in enumerate(val)
+            task.flow_loss(b, torch.Generator().manual_seed(1000 + i))["loss"].item()
+            for i, b in enumerate(val)
         ]
     task.train()
     return sum(losses) / len(losses)
@@ -56,7 +57,8 @@ def val_loss(task: PretrainTask, val: list[ClipBatch]) -> float:
 def run_seed(args: argparse.Namespace, seed: int, train: list[ClipBatch], val: list[ClipBatch]) -> dict:
     cfg = build_config(args.model, args.num_layers)
     tread = tread_config(
-        {"selection_rate": args.rate, "start_layer_idx": args.start, "end_layer_idx": args.end}, cfg.num_layers
+        {"selection_rate": args.rate, "start_layer_idx": args.start, "end_layer_idx": args.end},
+        cfg.num_layers,
     )
     torch.manual_seed(seed)
     base = DiT(cfg)
@@ -80,7 +82,9 @@ def run_seed(args: argparse.Namespace, seed: int, train: list[ClipBatch], val: l
             task = r["task"]
             start = time.perf_counter()
             seed_tread(stream_seed(seed, step, "tread"), task.model)
-            loss = task.flow_loss(batch, torch.Generator().manual_seed(stream_seed(seed, step, "train")))["loss"]
+            loss = task.flow_loss(batch, torch.Generator().manual_seed(stream_seed(seed, step, "train")))[
+                "loss"
+            ]
             loss.backward()
             r["opt"].step()
             r["sched"].step()
@@ -92,7 +96,7 @@ def run_seed(args: argparse.Namespace, seed: int, train: list[ClipBatch], val: l
 
 def at_seconds(curve: list[tuple[int, float, float]], seconds: float) -> float:
     """Validation loss at `seconds` of training, linear between evaluations."""
-    for (s0, t0, l0), (s1, t1, l1) in zip(curve, curve[1:], strict=False):
+    for (_, t0, l0), (_, t1, l1) in zip(curve, curve[1:], strict=False):
         if t0 <= seconds <= t1:
             return l0 + (l1 - l0) * (seconds - t0) / max(t1 - t0, 1e-12)
     return curve[-1][2]
@@ -151,7 +155,9 @@ def plot(results: dict[int, dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m magi_train.tools.tread_study", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m magi_train.tools.tread_study", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--model", choices=sorted(MODEL_CONFIGS), default="tiny")
     p.add_argument("--num-layers", type=int, default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

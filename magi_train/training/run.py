@@ -114,7 +114,8 @@ def memory_plan(
     strategy = "fsdp2" if sharded(nodes.strategy) else "ddp"
     spec = PlanSpec(
         recipe=recipe, strategy=strategy, cp=nodes.strategy.cp, tokens=ctx.plan_tokens or clip_tokens(448, 256, 5),
-        activation_checkpointing=ac, teacher_dtype=teacher_dtype, ema=ema, gpus=(gpus,),
+        activation_checkpointing=ac, ac_every=model_cfg.ac_every, teacher_dtype=teacher_dtype, ema=ema,
+        gpus=(gpus,),
     )  # fmt: skip
     return spec, plan(model_cfg, spec)[0]
 

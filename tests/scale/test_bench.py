@@ -107,10 +107,11 @@ def test_cli_prints_the_table(capsys):
 
 
 def test_cli_times_tread(capsys):
-    args = "--model tiny --num-layers 3 --seconds 0.4 --width 64 --height 64 --text-len 8 --steps 1 --warmup 0"
+    args = (
+        "--model tiny --num-layers 3 --seconds 0.4 --width 64 --height 64 --text-len 8 --steps 1 --warmup 0"
+    )
     plain, routed = bench.main([*args.split(), "--tread", "--tread-start", "1", "--tread-end", "1"])
     assert "without / with TREAD: step time" in capsys.readouterr().out
     assert routed["computed"] < plain["computed"] and routed["flop_ratio"] > 1 and routed["step_ratio"] > 0
     with pytest.raises(SystemExit, match="num_layers = 3"):  # the released range needs 26 layers
         bench.main([*args.split(), "--tread"])
-
