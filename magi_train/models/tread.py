@@ -3,8 +3,8 @@ arXiv 2501.04765), as the released model was trained (its config keeps `tread_co
 start_layer_idx: 2, end_layer_idx: 25}`, spec §8).
 
 In a training forward a random share `selection_rate` of each clip's video and audio tokens bypasses the layers
-`start_layer_idx..end_layer_idx` (both inclusive: TREAD's reference loop routes before block `start` and rejoins after
-block `end`, and the issue's reading of the release, "half the tokens in 24 of 40 layers", is layers 2..25). The
+`start_layer_idx..end_layer_idx` (both inclusive: our reading of TREAD, tokens leave at the start block and rejoin
+after the end block, and the issue's reading of the release, "half the tokens in 24 of 40 layers", is layers 2..25). The
 other tokens run those layers as a shorter packed sequence with its own layout (per-clip cu_seqlens, RoPE rows,
 modality order), so varlen attention stays per clip; the bypassing tokens rejoin unchanged at their original rows.
 
