@@ -239,7 +239,7 @@ class RoleConfig:
 
     checkpoint: str | None = None  # any DiT weight source; None = a copy of the teacher
     optim: OptimConfig = field(default_factory=_role_optim)
-    activation_checkpointing: bool = False
+    activation_checkpointing: Any = "none"  # none | full | selective | every_k (true / false: full / none)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +46,14 @@ class DiTConfig:
     rope_temperature: float = 10000.0
     norm_eps: float = 1e-6
     # runtime options, applied from outside by parallelize(); they do not change the weights
-    activation_checkpointing: bool = False
-    ac_every: int = 1  # with activation_checkpointing: checkpoint every k-th layer (1 = all)
+    # none | full | selective | every_k (true = full, false = none); parallelize.py AC_MODES
+    activation_checkpointing: Any = "none"
+    ac_every: int = 1  # full / every_k: checkpoint every k-th layer (1 = all)
     compile: bool = False
     attn_backend: str = "auto"  # auto | flash | sdpa
+    tread: Any = (
+        None  # TREAD token routing in training forwards: null | released | {selection_rate, ...} (tread.py)
+    )
 
     @property
     def num_heads_q(self) -> int:
@@ -81,6 +86,12 @@ class DiTConfig:
             fail(f"text_coords must be 'v1' or 'v2', got {self.text_coords!r}")
         if self.attn_backend not in ("auto", "flash", "sdpa"):
             fail(f"attn_backend must be auto, flash or sdpa, got {self.attn_backend!r}")
+        # the runtime options' own checks live with the code that applies them, outside this file
+        from magi_train.models.parallelize import ac_mode
+        from magi_train.models.tread import tread_config
+
+        ac_mode(self.activation_checkpointing)
+        tread_config(self.tread, self.num_layers)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,8 +378,11 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.num_layers))
+        self.router = None  # training-time token routing, installed from outside (models/tread.py)
 
     def forward(self, h: Tensor, seq: PackedSeq) -> Tensor:
+        if self.router is not None and self.training and torch.is_grad_enabled():
+            return self.router(self.layers, h, seq)
         for layer in self.layers:
             h = layer(h, seq)
         return h

@@ -15,6 +15,7 @@ residual stream stays fp32 (no cast of forward inputs); the linears run under th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import types
@@ -28,6 +29,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     apply_activation_checkpointing,
     checkpoint_wrapper,
 )
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from magi_train.models.attention import varlen_attention
 from magi_train.models.dit import (
@@ -40,25 +42,94 @@ from magi_train.models.dit import (
     unpatchify,
 )
 from magi_train.models.lora import LoRAPair, recompute_contexts
+from magi_train.models.tread import TreadConfig, enable_tread
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "cp")
 PARAM_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: each parameter computes in its own dtype
+# none; full: whole layers (every `ac_every`-th, 1 = all); every_k: the same with ac_every >= 2; selective: every
+# layer, op-level: matmul and attention outputs saved, everything elementwise (norms, q/k norm + RoPE, gates, MLP
+# activations, casts) recomputed in backward (torchtitan's op-level SAC idea; the release's
+# checkpoint_qk_layernorm_rope is the q/k-norm + RoPE part of it).
+AC_MODES = ("none", "full", "selective", "every_k")
+
+
+def ac_mode(value) -> str:
+    """The activation-checkpointing mode of a config value (true = full, false = none, for old configs)."""
+    if value is True or (isinstance(value, str) and value.lower() == "true"):
+        return "full"
+    if value is False or value is None or (isinstance(value, str) and value.lower() == "false"):
+        return "none"
+    if value not in AC_MODES:
+        raise ValueError(
+            f"activation_checkpointing={value!r}: use one of {', '.join(AC_MODES)} (or true / false)"
+        )
+    return value
+
+
+def selective_saved_ops() -> set:
+    """The ops whose outputs selective checkpointing keeps: matmuls and attention kernels."""
+    aten = torch.ops.aten
+    names = [
+        "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    ]  # fmt: skip
+    save = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    flash = getattr(getattr(torch.ops, "flash_attn", None), "_flash_attn_varlen_forward", None)
+    if flash is not None:  # flash-attn registers its kernels as torch ops
+        save.add(flash.default)
+    return save
+
+
+def _save_matmuls_policy():
+    """The selective policy: save the outputs of matmuls and attention kernels, recompute every other op."""
+    save = selective_saved_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_save_matmuls_policy())
+
+
+@contextlib.contextmanager
+def _entered(*contexts):
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        yield
+
+
+def _checkpoint_contexts(selective: bool):
+    """`context_fn` of activation checkpointing: the recompute runs with the LoRA adapter its forward used
+    (models/lora.py), and under `selective` the op-level policy decides what the forward saves."""
+    lora_forward, lora_recompute = recompute_contexts()
+    if not selective:
+        return lora_forward, lora_recompute
+    forward, recompute = _selective_context()
+    return _entered(lora_forward, forward), _entered(lora_recompute, recompute)
 
 
 @dataclass
 class ParallelConfig:
     """How one DiT is parallelised (the trainer's strategy and the model config together decide it)."""
 
-    activation_checkpointing: bool = False
-    ac_every: int = 1  # checkpoint every k-th layer (1 = every layer)
+    activation_checkpointing: str = "none"  # AC_MODES (true / false accepted: full / none)
+    ac_every: int = 1  # full / every_k: checkpoint every k-th layer (1 = every layer)
     compile: bool = False
+    tread: TreadConfig | None = None  # TREAD routing in training forwards (models/tread.py)
     param_dtype: str = "fp32"  # compute dtype of the block linears under FSDP2: fp32 | bf16 (bf16-mixed)
     reshard_after_forward: bool = True  # free gathered parameters after each layer's forward (ZeRO-3 style)
     offload: bool = False  # FSDP2 CPUOffloadPolicy: shards, gradients and the optimizer step on the host
 
     def __post_init__(self) -> None:
+        self.activation_checkpointing = ac_mode(self.activation_checkpointing)
         if self.ac_every < 1:
             raise ValueError(f"activation checkpointing every {self.ac_every} layers: use 1 or more")
+        if self.activation_checkpointing == "every_k" and self.ac_every < 2:
+            raise ValueError("activation_checkpointing=every_k needs model.ac_every >= 2 (1 is `full`)")
         if self.param_dtype not in PARAM_DTYPES:
             raise ValueError(f"param_dtype={self.param_dtype!r}: use one of {sorted(PARAM_DTYPES)}")
 
@@ -149,6 +220,12 @@ class UlyssesSeq(PackedSeq):
 
     group: object = None
     cp: int = 1
+    full: PackedSeq | None = (
+        None  # the whole (unpadded) sequence's layout, for TREAD's choice (models/tread.py)
+    )
+    rank: int = 0
+    # TREAD-routed layout (models/tread.py): the gathered rows that are tokens, not per-rank padding; None = all
+    real_rows: Tensor | None = None
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
         cp, hkv = self.cp, k.shape[1]
@@ -157,7 +234,12 @@ class UlyssesSeq(PackedSeq):
         ):  # fewer KV heads than ranks: replicate each so that every rank gets the ones its queries use
             k, v = (t.repeat_interleave(cp // hkv, dim=1) for t in (k, v))
         q, k, v = (_seq_to_heads(t, self.group, cp) for t in (q, k, v))
-        out = varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen, backend)
+        if self.real_rows is None:
+            out = varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen, backend)
+        else:
+            rows = self.real_rows
+            out = varlen_attention(q[rows], k[rows], v[rows], self.cu_seqlens, self.max_seqlen, backend)
+            out = q.new_zeros(q.shape[0], *out.shape[1:]).index_copy(0, rows, out)
         return _heads_to_seq(out, self.group, cp)
 
 
@@ -204,6 +286,8 @@ def _local_layout(seq: PackedSeq, group, cp: int, rank: int) -> tuple[UlyssesSeq
         audio_lens=seq.audio_lens,
         group=group,
         cp=cp,
+        full=seq,
+        rank=rank,
     )
     return layout, rows, pad
 
@@ -317,16 +401,18 @@ def parallelize(model: DiT, mesh=None, cfg: ParallelConfig | None = None) -> DiT
     DeepSpeed, which wrap the model themselves): then only checkpointing and compile apply.
     """
     cfg = cfg or ParallelConfig()
-    if cfg.activation_checkpointing:
-        every = cfg.ac_every
+    enable_tread(
+        model, cfg.tread
+    )  # a router around the layers; the layers stay the FSDP / AC / compile units
+    mode = cfg.activation_checkpointing
+    if mode != "none":
+        every = 1 if mode == "selective" else cfg.ac_every
         chosen = {id(layer) for i, layer in enumerate(model.block.layers) if i % every == 0}
+        contexts = functools.partial(_checkpoint_contexts, mode == "selective")
         apply_activation_checkpointing(
             model,
-            # the recompute runs with the LoRA adapter its forward used (models/lora.py)
             checkpoint_wrapper_fn=functools.partial(
-                checkpoint_wrapper,
-                checkpoint_impl=CheckpointImpl.NO_REENTRANT,
-                context_fn=recompute_contexts,
+                checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT, context_fn=contexts
             ),
             check_fn=lambda m: isinstance(m, TransformerLayer) and id(m) in chosen,
         )
@@ -341,9 +427,12 @@ def parallelize(model: DiT, mesh=None, cfg: ParallelConfig | None = None) -> DiT
 
 
 __all__ = [
+    "AC_MODES",
     "MESH_DIMS",
     "ParallelConfig",
     "UlyssesSeq",
+    "ac_mode",
+    "selective_saved_ops",
     "apply_fsdp",
     "apply_fsdp_module",
     "build_mesh",

@@ -55,7 +55,7 @@ _WRAPPER_PARTS = re.compile(
     r"(?<![^.])(?:_checkpoint_wrapped_module|_fsdp_wrapped_module|_orig_mod|_forward_module)\."
 )
 # DiTConfig fields that change how the model runs, not its weights: never compared, reset when rebuilding.
-RUNTIME_FIELDS = {"activation_checkpointing": False, "ac_every": 1, "compile": False}
+RUNTIME_FIELDS = {"activation_checkpointing": "none", "ac_every": 1, "compile": False, "tread": None}
 _RUNTIME_COMPARE_SKIP = (*RUNTIME_FIELDS, "attn_backend")
 _SOURCE_HINT = (
     "expected a released-format DiT directory (model.safetensors.index.json with its shards, or model.safetensors), "

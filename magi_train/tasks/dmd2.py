@@ -32,6 +32,7 @@ from magi_train.flow.sampling import sample_distilled, sample_unipc
 from magi_train.models import lora
 from magi_train.models.dit import TEXT, DiT, PackedSeq
 from magi_train.models.lora import adapter_parameters
+from magi_train.models.tread import seed_tread
 from magi_train.tasks.ema import EMA_KEY, ShardedEMA
 from magi_train.tasks.guard import NonFiniteGuard, check_checkpoint_finite, grad_norm
 from magi_train.tasks.optim import build_optimizer
@@ -438,6 +439,7 @@ class DMD2Task(L.LightningModule):
         # every random draw of this micro-batch comes from streams of (iteration, data index): the same whether the
         # micro-batches of an iteration are spread over ranks or accumulated (cp ranks share their index)
         index = micro_index(self, micro, acc)
+        seed_tread(stream_seed(self.seed, it, "tread", index), self.student, self.critic)  # TREAD's choice
         opt_s, opt_c = self.optimizers()
         sched_s, sched_c = self.lr_schedulers()
         noise_gen = self._generator(it, "train", index=index)

@@ -27,6 +27,7 @@ from magi_train.flow import (
 )
 from magi_train.models.dit import DiT
 from magi_train.models.lora import adapter_parameters, is_adapter_key
+from magi_train.models.tread import seed_tread
 from magi_train.tasks.ema import ShardedEMA
 from magi_train.tasks.guard import NonFiniteGuard, check_checkpoint_finite, grad_norm
 from magi_train.tasks.optim import build_optimizer
@@ -163,6 +164,7 @@ class PretrainTask(L.LightningModule):
         acc = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         index = micro_index(self, batch_idx % acc, acc)
         gen = torch.Generator().manual_seed(stream_seed(self.seed, self.global_step, "train", index))
+        seed_tread(stream_seed(self.seed, self.global_step, "tread", index), self.model)  # TREAD's choice
         out = self.flow_loss(batch, generator=gen)
         self.guard.observe(out["loss"])
         n = len(batch)

@@ -11,6 +11,10 @@ Input adapters and output heads are counted per modality (video 192 / audio 64 /
 has no head). Norms, RoPE and the gate nonlinearity are left out (< 1%). MFU = model FLOPs / step time /
 peak dense bf16 FLOP/s of the device (`--peak-tflops`; known: H100 / H200 SXM 989, A100 312).
 
+With TREAD routing (`--tread`, models/tread.py) the routed layers count only the tokens that run them: in each
+clip, all text tokens and n - floor(rate * n) of its n video and of its n audio tokens (linears and attention alike);
+`--tread` times the same model with and without routing, step by step alternately, and reports both ratios.
+
 `--compare-padded` runs the same mixed-length clips twice: packed into one varlen sequence (the model's
 own path) and as the naive padded batch (every clip padded with masked tokens to the longest one, one
 batched masked attention), checks that both give the same outputs and reports the speed ratio.
@@ -32,7 +36,8 @@ from torch import Tensor
 
 import magi_train.models.dit as dit_module
 from magi_train.models.dit import MODEL_CONFIGS, PATCH, DiT, DiTConfig
-from magi_train.models.parallelize import ParallelConfig, parallelize
+from magi_train.models.parallelize import AC_MODES, ParallelConfig, parallelize
+from magi_train.models.tread import TokenRouter, TreadConfig, kept_tokens, tread_config
 
 # Peak dense bf16 tensor-core FLOP/s by device name (NVIDIA datasheets: H100 SXM5 / H200 SXM 989.4 TFLOP/s
 # without sparsity, A100 SXM 312 TFLOP/s).
@@ -80,31 +85,44 @@ def clip_shape(seconds: float, width: int, height: int, text_len: int) -> ClipSh
 # ---------------------------------------------------------------------------------------------------------
 
 
-def block_matmul_params(cfg: DiTConfig) -> int:
-    """Weights of the transformer block one token multiplies with (one expert in sandwich layers)."""
+def layer_matmul_params(cfg: DiTConfig) -> list[int]:
+    """Per layer, the weights one token multiplies with (one expert in sandwich layers)."""
     hq, hkv, d, h = cfg.num_heads_q, cfg.num_heads_kv, cfg.head_dim, cfg.hidden_size
     qkv = h * (hq * d + 2 * hkv * d + (hq if cfg.enable_attn_gating else 0))
     attn = qkv + hq * d * h
-    total = 0
+    out = []
     for i in range(cfg.num_layers):
         inter = cfg.gelu7_intermediate if i in cfg.gelu7_layers else cfg.swiglu7_intermediate
         up = inter if i in cfg.gelu7_layers else 2 * inter
-        total += attn + h * up + inter * h
-    return total
+        out.append(attn + h * up + inter * h)
+    return out
 
 
-def model_flops(cfg: DiTConfig, clips: list[ClipShape]) -> float:
-    """Model FLOPs of one forward + backward over a pack of clips (module docstring)."""
+def block_matmul_params(cfg: DiTConfig) -> int:
+    """Weights of the transformer block one token multiplies with (one expert in sandwich layers)."""
+    return sum(layer_matmul_params(cfg))
+
+
+def _routed(clip: ClipShape, tread: TreadConfig) -> int:
+    """Tokens of a clip that run the routed layers (models/tread.py choose_bypass)."""
+    rate = tread.selection_rate
+    return kept_tokens(clip.video_tokens, rate) + kept_tokens(clip.audio, rate) + clip.text
+
+
+def model_flops(cfg: DiTConfig, clips: list[ClipShape], tread: TreadConfig | None = None) -> float:
+    """Model FLOPs of one forward + backward over a pack of clips (module docstring); tread: with routing."""
     h = cfg.hidden_size
     n_v = sum(c.video_tokens for c in clips)
     n_a = sum(c.audio for c in clips)
     n_t = sum(c.text for c in clips)
-    macs = (n_v + n_a + n_t) * block_matmul_params(cfg)
-    macs += n_v * 2 * cfg.video_in_channels * h + n_a * 2 * cfg.audio_in_channels * h  # adapter + head
+    macs = n_v * 2 * cfg.video_in_channels * h + n_a * 2 * cfg.audio_in_channels * h  # adapter + head
     macs += n_t * cfg.text_in_channels * h  # adapter only
-    attention = cfg.num_layers * sum(
-        4 * c.tokens**2 * cfg.num_heads_q * cfg.head_dim for c in clips
-    )  # forward
+    attention = 0
+    for i, params in enumerate(layer_matmul_params(cfg)):
+        routed = tread is not None and tread.start_layer_idx <= i <= tread.end_layer_idx
+        lens = [_routed(c, tread) if routed else c.tokens for c in clips]
+        macs += sum(lens) * params
+        attention += sum(4 * n**2 * cfg.num_heads_q * cfg.head_dim for n in lens)  # forward: QK^T and AV
     return 3 * (2 * macs + attention)
 
 
@@ -286,8 +304,16 @@ def measure(args: argparse.Namespace) -> list[dict]:
     peak = device_peak(device, args.peak_tflops)
     rows = []
 
-    def row(path: str, measured: tuple[float, float | None], tokens: int, computed_tokens: int) -> dict:
-        flops = model_flops(cfg, clips)
+    tread = None
+    if args.tread:
+        fields = ("selection_rate", "start_layer_idx", "end_layer_idx")
+        values = (args.tread_rate, args.tread_start, args.tread_end)
+        tread = tread_config(dict(zip(fields, values, strict=True)), cfg.num_layers)
+
+    def row(
+        path: str, measured: tuple[float, float | None], tokens: int, computed_tokens: int, routing=None
+    ) -> dict:
+        flops = model_flops(cfg, clips, routing)
         seconds, gpu_peak = measured
         mem, mem_kind = (
             (gpu_peak, "GPU") if gpu_peak is not None else (process_peak_rss_gib(), "RSS, whole run")
@@ -312,6 +338,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
             "attn": args.attn_backend,
             "compile": args.compile,
             "ac": args.activation_checkpointing,
+            "flops": flops,
         }
 
     tokens = sum(c.tokens for c in clips)
@@ -326,8 +353,27 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 return train_step(model, video, audio, padded, dtype)
 
         runs.append(padded_step)
+    if tread is not None:
+        router = TokenRouter(tread)
+
+        def tread_step() -> tuple[float, float | None]:
+            model.block.router = router
+            try:
+                return train_step(model, video, audio, text, dtype)
+            finally:
+                model.block.router = None
+
+        runs.append(tread_step)
     measured = measure_runs(runs, args.steps, args.warmup)
     rows.append(row("packed", measured[0], tokens, tokens))
+    if tread is not None:
+        routed = sum(_routed(c, tread) for c in clips)
+        layers = tread.end_layer_idx - tread.start_layer_idx + 1
+        rows.append(row(f"tread {tread.selection_rate:g} L{tread.start_layer_idx}-{tread.end_layer_idx}",
+                        measured[-1], tokens, routed, tread))  # fmt: skip
+        rows[-1]["step_ratio"] = measured[0][0] / measured[-1][0]
+        rows[-1]["flop_ratio"] = rows[0]["flops"] / rows[-1]["flops"]
+        rows[-1]["routed_layers"] = layers
     if args.compare_padded:
         with padded_attention(valid, length):
             pv, pa = outputs(model, video, audio, padded)
@@ -370,7 +416,7 @@ def format_table(rows: list[dict]) -> str:
             r["dtype"],
             r["attn"],
             "on" if r["compile"] else "off",
-            "on" if r["ac"] else "off",
+            r["ac"],
             f"{r['step_s']:.4f}",
             f"{r['tokens_per_s']:,.0f}",
             f"{r['tflops']:.3f}",
@@ -379,6 +425,12 @@ def format_table(rows: list[dict]) -> str:
         ]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     padded = [r for r in rows if "padded_over_packed" in r]
+    for r in rows:
+        if "step_ratio" in r:
+            lines.append(
+                f"\nwithout / with TREAD: step time {r['step_ratio']:.2f}x, model FLOPs {r['flop_ratio']:.2f}x "
+                f"({r['routed_layers']} routed layers; 'computed' = tokens in a routed layer); device: {r['device']}"
+            )
     for r in padded:
         lines.append(
             f"\npadded / packed step time: {r['padded_over_packed']:.2f}x (max relative output "
@@ -398,7 +450,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="clips per packed batch")
     p.add_argument("--attn-backend", choices=["auto", "flash", "sdpa"], default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile each layer")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument(
+        "--activation-checkpointing", nargs="?", const="full", default="none", choices=AC_MODES,
+        help="none | full (the bare flag) | selective | every_k (with model ac_every)",
+    )  # fmt: skip
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA")
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=5)
@@ -411,6 +466,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="mixed-length clips (--batch of them, 1/batch .. 1 of --seconds): packed vs padded batch",
     )
+    p.add_argument(
+        "--tread", action="store_true", help="also time TREAD routing (the same model, alternately)"
+    )
+    p.add_argument("--tread-rate", type=float, default=0.5, help="selection_rate (default: the release's)")
+    p.add_argument("--tread-start", type=int, default=2, help="first routed layer (default: the release's)")
+    p.add_argument("--tread-end", type=int, default=25, help="last routed layer, inclusive (the release's)")
     args = p.parse_args(argv)
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
         p.error("--batch and --steps must be >= 1, --warmup >= 0")
@@ -421,7 +482,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    rows = measure(args)
+    try:
+        rows = measure(args)
+    except ValueError as err:  # a bad --tread range: the message says what fits
+        raise SystemExit(f"bench: {err}") from None
     print(format_table(rows))
     return rows
 

@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=None, help="tokens per micro-batch instead of --clip")
     ap.add_argument("--strategy", default="fsdp2", choices=["fsdp2", "ddp"])
     ap.add_argument("--cp", type=int, default=1, help="context-parallel ranks per sequence")
-    ap.add_argument("--ac", action="store_true", help="activation checkpointing of every layer")
+    ap.add_argument(
+        "--ac", nargs="?", const="full", default="none", choices=["none", "full", "selective"],
+        help="activation checkpointing: full (the bare flag: every layer) or selective",
+    )  # fmt: skip
     ap.add_argument("--teacher-dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--no-ema", action="store_true")
     ap.add_argument(

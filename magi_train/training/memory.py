@@ -44,6 +44,7 @@ token: about 15% of an unchecked layer; the rows assume dropout 0).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -66,7 +67,9 @@ RECIPES = ("pretrain_base", "pretrain_sr", "dmd2_distill")
 # at widths 128 and 256, 4 and 8 layers, 1,792 tokens; torch 2.13 CPU; docs/scale.md): bytes per token per hidden
 # unit per layer (the difference of 8 and 4 layers), and outside the layers bytes per token = per-hidden x h + fixed
 # (the fp32 input features; text tokens have 3,584 channels).
-ACT_LAYER = {False: 115.0, True: 4.0}  # with checkpointing a layer keeps only its fp32 input (4 B per unit)
+# full: a checkpointed layer keeps only its fp32 input (4 B per unit); selective: matmul and attention outputs
+# (models/parallelize.py AC_MODES), measured the same way.
+ACT_LAYER = {"none": 115.0, "full": 4.0, "selective": 24.3}
 ACT_OUTSIDE_PER_HIDDEN = 8.6
 ACT_OUTSIDE_FIXED = 5500.0
 
@@ -150,10 +153,12 @@ def lora_parameters(cfg: DiTConfig, rank: int) -> int:
     return sum(lora_layer_parameters(cfg, rank))
 
 
-def lora_activation_bytes(cfg: DiTConfig, rank: int, tokens: int, activation_checkpointing: bool) -> int:
+def lora_activation_bytes(cfg: DiTConfig, rank: int, tokens: int, activation_checkpointing) -> int:
     """Saved r-wide adapter intermediates (bf16) of one training forward: per token, 4 targets x r x 2 B per layer;
-    with checkpointing, of the one layer its backward recomputes."""
-    layers = 1 if activation_checkpointing else cfg.num_layers
+    with full checkpointing, of the one layer its backward recomputes (selective keeps matmul outputs: all)."""
+    from magi_train.models.parallelize import ac_mode
+
+    layers = 1 if ac_mode(activation_checkpointing) == "full" else cfg.num_layers
     return len(LORA_TARGETS) * rank * 2 * tokens * layers
 
 
@@ -180,13 +185,27 @@ def parse_clip(spec: str) -> tuple[int, int, float]:
         raise ValueError(f"clip {spec!r}: give WIDTHxHEIGHTxSECONDS, e.g. 448x256x5") from None
 
 
-def measure_activation_bytes(cfg: DiTConfig, tokens: int, activation_checkpointing: bool) -> int:
+def layer_activation_bytes(activation_checkpointing: bool | str, ac_every: int = 1) -> float:
+    """Saved bytes per token per hidden unit of one layer, averaged over the layers (every k-th checkpointed)."""
+    from magi_train.models.parallelize import ac_mode
+
+    mode = ac_mode(activation_checkpointing)
+    if mode in ("full", "every_k") and ac_every > 1:
+        return (ACT_LAYER["full"] + (ac_every - 1) * ACT_LAYER["none"]) / ac_every
+    return ACT_LAYER[mode]
+
+
+def measure_activation_bytes(cfg: DiTConfig, tokens: int, activation_checkpointing: bool | str) -> int:
     """Bytes autograd saves for backward in one training forward of `cfg` over ~`tokens` tokens (one clip), under
     bf16 autocast on CPU: every saved tensor counted once by storage; parameters, and autocast's bf16 copies of
     them (FSDP2 frees its gathered bf16 weights after each layer), are not activations."""
-    from magi_train.models.parallelize import ParallelConfig, parallelize
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from magi_train.models.dit import TransformerLayer
+    from magi_train.models.parallelize import ParallelConfig, ac_mode, parallelize, selective_saved_ops
 
     torch.manual_seed(0)
+    selective = ac_mode(activation_checkpointing) == "selective"
     model = parallelize(DiT(cfg), None, ParallelConfig(activation_checkpointing=activation_checkpointing))
     side = max(
         2, int(math.sqrt(max(tokens - 64, 16) / 2)) // 2 * 2
@@ -206,24 +225,61 @@ def measure_activation_bytes(cfg: DiTConfig, tokens: int, activation_checkpointi
             seen[ptr] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+    # Selective checkpointing keeps the outputs of its saved ops in its own cache, which saved-tensor hooks do not
+    # see: count those outputs, inside the layers, as they are made.
+    cached = {"bytes": 0, "inside": 0}
+    save_ops = selective_saved_ops() if selective else set()
+
+    class CountSaved(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if cached["inside"] and func in save_ops:
+                for t in out if isinstance(out, tuple | list) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        cached["bytes"] += t.untyped_storage().nbytes()
+            return out
+
+    def enter(*_):
+        cached["inside"] += 1
+
+    def leave(*_):
+        cached["inside"] -= 1
+
+    layers = [m for m in model.modules() if isinstance(m, TransformerLayer)]
+    handles = [
+        h for m in layers for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))
+    ]
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", torch.bfloat16),
+        CountSaved() if selective else contextlib.nullcontext(),
+    ):
         out_v, out_a = model([video], [audio], [text])
+    for h in handles:
+        h.remove()
     n = n_video + audio.shape[0] + text.shape[0]
     del out_v, out_a
     assert abs(n - tokens) <= max(64, tokens // 4), (n, tokens)
-    return sum(seen.values()) * tokens // n  # rescaled to exactly `tokens`
+    return (sum(seen.values()) + cached["bytes"]) * tokens // n  # rescaled to exactly `tokens`
 
 
 def activation_bytes(
-    cfg: DiTConfig, tokens: int, activation_checkpointing: bool, recompute: bool = True
+    cfg: DiTConfig,
+    tokens: int,
+    activation_checkpointing: bool | str,
+    recompute: bool = True,
+    ac_every: int = 1,
 ) -> float:
     """The planner's estimate of the activations of one training forward over `tokens` tokens; with checkpointing
     and `recompute`, plus the one layer that its backward recomputes in full."""
+    from magi_train.models.parallelize import ac_mode
+
     h = cfg.hidden_size
-    per_token = cfg.num_layers * ACT_LAYER[activation_checkpointing] * h + ACT_OUTSIDE_PER_HIDDEN * h
+    layer = layer_activation_bytes(activation_checkpointing, ac_every)
+    per_token = cfg.num_layers * layer * h + ACT_OUTSIDE_PER_HIDDEN * h
     per_token += ACT_OUTSIDE_FIXED
-    if activation_checkpointing and recompute:
-        per_token += ACT_LAYER[False] * h
+    if ac_mode(activation_checkpointing) != "none" and recompute:
+        per_token += ACT_LAYER["none"] * h
     return per_token * tokens
 
 
@@ -231,7 +287,7 @@ def measure_constants(tokens: int = 1792) -> dict[str, float]:
     """Re-measure the constants above (printed by `tools/plan --measure`)."""
     out = {}
     outside = {}
-    for ac in (False, True):
+    for ac in ("none", "full", "selective"):
         for h in (128, 256):
             m4 = measure_activation_bytes(tiny_like(h, 4), tokens, ac)
             m8 = measure_activation_bytes(tiny_like(h, 8), tokens, ac)
@@ -270,7 +326,8 @@ class PlanSpec:
     strategy: str = "fsdp2"  # fsdp2 | ddp
     cp: int = 1
     tokens: int = 0  # per micro-batch (data.max_tokens), before the cp split
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = "none"  # models/parallelize.py AC_MODES
+    ac_every: int = 1
     teacher_dtype: str = "bf16"
     ema: bool = True
     gpus: tuple[int, ...] = field(default=(8, 16, 32, 64))
@@ -298,7 +355,7 @@ def plan(cfg: DiTConfig, spec: PlanSpec) -> list[PlanRow]:
     params = role_parameters(cfg)
     roles = 2 if spec.recipe == "dmd2_distill" else 1
     tokens = math.ceil(spec.tokens / spec.cp)
-    act = activation_bytes(cfg, tokens, spec.activation_checkpointing)
+    act = activation_bytes(cfg, tokens, spec.activation_checkpointing, ac_every=spec.ac_every)
     if lora:
         adapter = lora_parameters(cfg, spec.lora_rank)
         trained = roles * sum(TRAINABLE_BYTES.values()) * adapter  # critic + student adapters in DMD-2
@@ -372,8 +429,8 @@ def check_plan(row: PlanRow, device_gib: float, spec: PlanSpec, margin_gib: floa
         hints.append("strategy=fsdp2 (shards every role over the GPUs)")
     elif row.trainable + row.teacher + row.ema > device_gib / 2:
         hints.append("more GPUs (trainer.num_nodes / trainer.devices)")
-    if not spec.activation_checkpointing and row.activations > 1:
-        hints.append("model.activation_checkpointing=true (and distill.<role>.activation_checkpointing=true)")
+    if spec.activation_checkpointing in (False, "none", "selective", "every_k") and row.activations > 1:
+        hints.append("model.activation_checkpointing=full (and distill.<role>.activation_checkpointing=full)")
     if row.activations > 1:
         hints.append("strategy.cp=<2, 4, 8> (splits each sequence over GPUs) or a smaller data.max_tokens")
     raise ValueError(
@@ -405,6 +462,7 @@ __all__ = [
     "PlanSpec",
     "RoleParameters",
     "activation_bytes",
+    "layer_activation_bytes",
     "check_plan",
     "clip_tokens",
     "format_plan",

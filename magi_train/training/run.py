@@ -32,7 +32,8 @@ from magi_train.config import (
 from magi_train.data.datamodule import ClipDataModule
 from magi_train.models.dit import DiT, DiTConfig
 from magi_train.models.lora import LoRAConfig, adapter_parameters, add_adapters
-from magi_train.models.parallelize import ParallelConfig
+from magi_train.models.parallelize import ParallelConfig, ac_mode
+from magi_train.models.tread import tread_config
 from magi_train.models.weights import apply_dtype_policy, check_source, dcp_keys, empty_dit, load_dit
 from magi_train.tasks.dmd2 import DMD2Task, validate_distill
 from magi_train.tasks.ema import StudentEMA
@@ -115,8 +116,8 @@ def memory_plan(
     strategy = "fsdp2" if sharded(nodes.strategy) else "ddp"
     spec = PlanSpec(
         recipe=recipe, strategy=strategy, cp=nodes.strategy.cp, tokens=ctx.plan_tokens or clip_tokens(448, 256, 5),
-        activation_checkpointing=ac, teacher_dtype=teacher_dtype, ema=ema, gpus=(gpus,), lora_rank=lora_rank,
-        base_dtype=base_dtype,
+        activation_checkpointing=ac, ac_every=model_cfg.ac_every, teacher_dtype=teacher_dtype, ema=ema,
+        gpus=(gpus,), lora_rank=lora_rank, base_dtype=base_dtype,
     )  # fmt: skip
     return spec, plan(model_cfg, spec)[0]
 
@@ -142,10 +143,14 @@ def check_memory(spec, row) -> None:
     check_plan(row, torch.cuda.get_device_properties(0).total_memory / GIB, spec)
 
 
-def _parallel(nodes: TrainerNodes, model_cfg: DiTConfig, activation_checkpointing: bool) -> ParallelConfig:
+def _parallel(
+    nodes: TrainerNodes, model_cfg: DiTConfig, activation_checkpointing: bool | str, trained: bool = True
+) -> ParallelConfig:
+    """trained: the role trains (TREAD routing applies; a frozen teacher gets none)."""
     precision = resolve_precision(nodes.trainer.precision)
+    tread = tread_config(model_cfg.tread, model_cfg.num_layers) if trained else None
     return parallel_config(
-        nodes.strategy, precision, activation_checkpointing, model_cfg.ac_every, model_cfg.compile
+        nodes.strategy, precision, activation_checkpointing, model_cfg.ac_every, model_cfg.compile, tread
     )
 
 
@@ -340,7 +345,7 @@ def role_setups(
 
     return {
         "teacher": RoleSetup(
-            _parallel(nodes, model_cfg, False), teacher_src, "auto",
+            _parallel(nodes, model_cfg, False, trained=False), teacher_src, "auto",
             "base" if on_meta and cfg.teacher.dtype == "bf16" else "fp32", "distill.teacher.checkpoint",
         ),
         "critic": RoleSetup(
@@ -373,7 +378,13 @@ def run_distill(
     """
     model_cfg.validate()
     validate_distill(distill)
-    ac = distill.student.activation_checkpointing and distill.critic.activation_checkpointing
+    from magi_train.training.memory import layer_activation_bytes
+
+    # the plan counts one role's activations: the role that keeps more of them
+    ac = max(
+        (ac_mode(distill.student.activation_checkpointing), ac_mode(distill.critic.activation_checkpointing)),
+        key=lambda mode: layer_activation_bytes(mode, model_cfg.ac_every),
+    )
     spec, row = memory_plan(
         ctx, nodes, model_cfg, "dmd2_distill", ac, distill.ema.decay > 0 and not distill.ema.on_cpu,
         distill.teacher.dtype,

@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import Strategy
 from magi_train.config import StrategyConfig
 from magi_train.models.dit import ModalityLinear
 from magi_train.models.parallelize import ParallelConfig, build_mesh, data_parallel_rank
+from magi_train.models.tread import TreadConfig
 from magi_train.training.checkpoint_io import MarkedDirectoryCheckpoints
 
 STRATEGIES = ("auto", "ddp", "fsdp2", "deepspeed_stage_2", "deepspeed_stage_3")
@@ -33,13 +34,20 @@ SHARDED = ("fsdp2", "deepspeed_stage_2", "deepspeed_stage_3")
 
 
 def parallel_config(
-    strategy: StrategyConfig, precision: str, activation_checkpointing: bool, ac_every: int, compile: bool
+    strategy: StrategyConfig,
+    precision: str,
+    activation_checkpointing: bool | str,
+    ac_every: int,
+    compile: bool,
+    tread: TreadConfig | None = None,
 ) -> ParallelConfig:
-    """What `parallelize` applies to each trained role under this strategy and precision."""
+    """What `parallelize` applies to each trained role under this strategy and precision (activation_checkpointing:
+    parallelize.AC_MODES or a bool; tread: the checked `model.tread` of models/tread.py, None = off)."""
     return ParallelConfig(
         activation_checkpointing=activation_checkpointing,
         ac_every=ac_every,
         compile=compile,
+        tread=tread,
         param_dtype="bf16" if precision == "bf16-mixed" and strategy.name == "fsdp2" else "fp32",
         reshard_after_forward=strategy.reshard_after_forward,
         offload=strategy.offload and strategy.name == "fsdp2",

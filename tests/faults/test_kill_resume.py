@@ -1,6 +1,6 @@
 """kill -9 in the middle of a run, then resume=true: the same per-step losses as a run that was never stopped,
 for pretraining and DMD-2, on one process, on 2 DDP ranks and on 2 FSDP2 ranks (gloo; sharded checkpoint directories
-with the sharded EMA), with the checkpoint on a validation step."""
+with the sharded EMA), with the checkpoint on a validation step; the one-process pretraining runs route tokens (TREAD)."""
 
 import csv
 import os
@@ -32,6 +32,7 @@ LAYOUTS = {
     "2 fsdp2 ranks": ["strategy=fsdp2", "trainer.devices=2"],
 }
 LOSS = {"pretrain_base": "train/loss", "dmd2_distill": "train/critic_loss"}
+TREAD = "model.tread={selection_rate:0.5,start_layer_idx:1,end_layer_idx:2}"
 
 
 def _losses(run_dir: Path, column: str) -> list[tuple[int, str]]:
@@ -100,6 +101,9 @@ CASES = [(r, layout) for r in LOSS for layout in LAYOUTS if (r, layout) != ("dmd
 @pytest.mark.parametrize(("recipe", "layout"), CASES)
 def test_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path, teacher, recipe, layout):
     overrides = [f"recipe={recipe}", *COMMON, *LAYOUTS[layout]]
+    if (recipe, layout) == ("pretrain_base", "one process"):
+        # TREAD routing on (tiny: layers 1..2) at no extra cost: its choice comes from (seed, step, data index)
+        overrides.append(TREAD)
     if recipe == "dmd2_distill":
         overrides += [f"distill.teacher.checkpoint={teacher}", "distill.generator_every=2"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"

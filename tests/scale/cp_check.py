@@ -1,6 +1,7 @@
 """Context-parallel check on 2 gloo processes (torchrun): a cp=2 forward and backward of a packed batch of 3 clips of
 different lengths (an odd token total, so the last rank holds padding) equals the one-process model, outputs and
-gradients to 1e-5, with and without FSDP2, and with fewer KV heads than cp ranks (KV heads replicated).
+gradients to 1e-5, with and without FSDP2, with fewer KV heads than cp ranks (KV heads replicated), and with TREAD
+routing under FSDP2 (each rank routes its share of the one-process choice).
 
     torchrun --nproc_per_node 2 tests/scale/cp_check.py OUT.json
 """
@@ -14,6 +15,9 @@ import torch.distributed as dist
 
 from magi_train.models.dit import MODEL_CONFIGS, DiT
 from magi_train.models.parallelize import ParallelConfig, build_mesh, enable_context_parallel, parallelize
+from magi_train.models.tread import TreadConfig, enable_tread
+
+TREAD = TreadConfig(0.5, 1, 2)  # tiny's layers 1..2
 
 SHAPES = [((2, 4, 6), 9, 5), ((1, 2, 2), 5, 3), ((3, 4, 4), 13, 1)]  # (video T H W, audio, text) per clip
 
@@ -37,17 +41,25 @@ def check(num_heads_kv: int, mesh) -> dict:
     video = [torch.randn(48, *s, generator=g) for s, _, _ in SHAPES]
     audio = [torch.randn(n, 64, generator=g) for _, n, _ in SHAPES]
     text = [torch.randn(m, cfg.text_in_channels, generator=g) for _, _, m in SHAPES]
+    routed = enable_tread(copy.deepcopy(ref), TREAD, seed=5)
+    out_routed = routed(video, audio, text)
+    loss_of(*out_routed).backward()
     out_ref = ref(video, audio, text)
     loss_of(*out_ref).backward()
     result = {}
-    for name in ("cp", "cp+fsdp2"):
+    for name in ("cp", "cp+fsdp2", "cp+fsdp2+tread"):
         model = copy.deepcopy(ref)
         model.zero_grad(set_to_none=True)
         if name == "cp":
             enable_context_parallel(model, mesh["cp"].get_group(), mesh["cp"].size())
         else:
-            parallelize(model, mesh, ParallelConfig())
+            parallelize(model, mesh, ParallelConfig(tread=TREAD if name.endswith("tread") else None))
+            if name.endswith("tread"):
+                model.block.router.reseed(5)
         out = model(video, audio, text)
+        if name.endswith("tread"):  # compared with the routed one-process model
+            out_ref, ref = out_routed, routed
+            assert model.block.router.last_bypass.any()
         loss_of(*out).backward()
         errs = [rel(a, b) for a, b in zip(out[0] + out[1], out_ref[0] + out_ref[1], strict=True)]
         grads = []

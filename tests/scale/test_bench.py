@@ -1,11 +1,13 @@
 """The throughput benchmark: clip sizes, the FLOPs formula against torch's FLOP counter, packed == padded
 outputs, and the CLI table (no timing assertions)."""
 
+import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from magi_train.models.dit import MODEL_CONFIGS, DiT, ModalityLinear
+from magi_train.models.tread import TreadConfig, enable_tread
 from magi_train.tools import bench
 
 
@@ -26,10 +28,11 @@ def test_block_matmul_params_count_one_expert_per_token():
         assert bench.block_matmul_params(cfg) == per_token, name
 
 
-def test_flops_formula_matches_torch_flop_counter():
+@pytest.mark.parametrize("tread", [None, TreadConfig(0.5, 1, 2)])
+def test_flops_formula_matches_torch_flop_counter(tread):
     torch.manual_seed(0)
     cfg = MODEL_CONFIGS["tiny"]
-    model = DiT(cfg)
+    model = enable_tread(DiT(cfg), tread)  # a training forward: routed when tread is set
     clips = [bench.ClipShape(2, 4, 6, 5, 7), bench.ClipShape(3, 6, 4, 9, 3)]
     video, audio, text = bench.random_inputs(cfg, clips, torch.device("cpu"))
     # the math SDPA kernel is made of matmuls the counter sees (it has no formula for the CPU flash kernel)
@@ -37,8 +40,11 @@ def test_flops_formula_matches_torch_flop_counter():
         model(video, audio, text)
     # forward FLOPs = a third of the formula's forward + backward
     assert (
-        abs(counter.get_total_flops() - bench.model_flops(cfg, clips) / 3) <= 1e-9 * counter.get_total_flops()
+        abs(counter.get_total_flops() - bench.model_flops(cfg, clips, tread) / 3)
+        <= 1e-9 * counter.get_total_flops()
     )
+    if tread is not None:  # control: routing does remove work
+        assert bench.model_flops(cfg, clips, tread) < 0.9 * bench.model_flops(cfg, clips)
 
 
 def test_padded_batch_gives_the_packed_outputs():
@@ -98,3 +104,14 @@ def test_cli_prints_the_table(capsys):
     packed, padded = rows
     assert packed["tokens"] == padded["tokens"] < padded["computed"]  # padding costs compute
     assert padded["max_rel_diff"] < 1e-5 and packed["mfu"] is not None and packed["step_s"] > 0
+
+
+def test_cli_times_tread(capsys):
+    args = (
+        "--model tiny --num-layers 3 --seconds 0.4 --width 64 --height 64 --text-len 8 --steps 1 --warmup 0"
+    )
+    plain, routed = bench.main([*args.split(), "--tread", "--tread-start", "1", "--tread-end", "1"])
+    assert "without / with TREAD: step time" in capsys.readouterr().out
+    assert routed["computed"] < plain["computed"] and routed["flop_ratio"] > 1 and routed["step_ratio"] > 0
+    with pytest.raises(SystemExit, match="num_layers = 3"):  # the released range needs 26 layers
+        bench.main([*args.split(), "--tread"])

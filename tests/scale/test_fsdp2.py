@@ -184,7 +184,10 @@ def test_context_parallel_forward_and_backward_equal_one_process(tmp_path):
     _run([str(HERE / "cp_check.py"), str(out)], nproc=2)
     result = json.loads(out.read_text())
     print(result)
-    for case in result.values():  # KV heads 2 (split) and 1 (replicated); CP alone and with FSDP2
+    assert all("cp+fsdp2+tread" in case for case in result.values())
+    for (
+        case
+    ) in result.values():  # KV heads 2 (split) and 1 (replicated); CP alone, with FSDP2, with TREAD too
         for errors in case.values():
             assert errors["output"] <= 1e-5 and errors["grad"] <= 1e-5, result
 

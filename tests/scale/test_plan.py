@@ -87,7 +87,7 @@ def test_a_run_that_cannot_fit_stops_with_what_to_change():
     cfg = MODEL_CONFIGS["magihuman_15b"]
     spec = PlanSpec(recipe="dmd2_distill", strategy="ddp", tokens=clip_tokens(448, 256, 5), gpus=(8,))
     (row,) = plan(cfg, spec)
-    with pytest.raises(ValueError, match="strategy=fsdp2.*activation_checkpointing=true"):
+    with pytest.raises(ValueError, match="strategy=fsdp2.*activation_checkpointing=full"):
         check_plan(row, 79.65, spec)
     fits = PlanSpec(
         recipe="dmd2_distill", tokens=clip_tokens(448, 256, 5), activation_checkpointing=True, gpus=(16,)

@@ -74,7 +74,7 @@ def test_fsdp2_configs(compose, name):
     plan = parallel_config(cfg, "bf16-mixed", True, 2, False)
     assert (plan.param_dtype, plan.activation_checkpointing, plan.ac_every, plan.offload) == (
         "bf16",
-        True,
+        "full",  # true = full
         2,
         cfg.offload,
     )
