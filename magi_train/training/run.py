@@ -203,7 +203,10 @@ def run_pretrain(
     the frozen base of `init_from` instead (models/lora.py); checkpoints then hold the adapters only."""
     model_cfg.validate()
     recipe = "pretrain_sr" if sr is not None else "pretrain_base"
-    spec, row = memory_plan(ctx, nodes, model_cfg, recipe, model_cfg.activation_checkpointing, ema.decay > 0)
+    lora_rank = lora.rank if lora is not None else None
+    spec, row = memory_plan(
+        ctx, nodes, model_cfg, recipe, model_cfg.activation_checkpointing, ema.decay > 0, lora_rank=lora_rank
+    )
     if ctx.dry_run:
         with torch.device("meta"):
             n = DiT(model_cfg).num_parameters()
@@ -222,7 +225,12 @@ def run_pretrain(
             "lora trains adapters on a pretrained base: set init_from=<released directory or .ckpt> (e.g. the "
             "README's smoke run, outputs/smoke/checkpoints/last.ckpt)"
         )
-    setup = RoleSetup(_parallel(nodes, model_cfg, model_cfg.activation_checkpointing), what="init_from")
+    # LoRA under bf16-mixed: the frozen base keeps its block linears in bf16 (as released); fp32 otherwise
+    bf16 = resolve_precision(nodes.trainer.precision) == "bf16-mixed"
+    policy = "base" if lora is not None and bf16 else "fp32"
+    setup = RoleSetup(
+        _parallel(nodes, model_cfg, model_cfg.activation_checkpointing), what="init_from", dtype_policy=policy
+    )
     sharded_ema = None
     if sharded(nodes.strategy):  # built on meta; each rank fills its shards in configure_model
         with torch.device("meta"):
@@ -231,12 +239,10 @@ def run_pretrain(
         if ema.decay > 0 and ema.on_cpu:
             raise ValueError("ema.on_cpu=true is not supported with strategy=fsdp2 (the EMA is sharded)")
     elif source:
-        model = load_dit(source, model_cfg, what="init_from").model
+        model = load_dit(source, model_cfg, what="init_from", dtype_policy=policy).model
     else:
         model = DiT(model_cfg)
-    if (
-        lora is not None
-    ):  # before parallelize; on the meta device the adapters are initialised in configure_model
+    if lora is not None:  # before parallelize; on the meta device they are initialised in configure_model
         add_adapters(model, lora, seed=ctx.seed)
     if ema.decay > 0 and (sharded(nodes.strategy) or lora is not None):
         sharded_ema, ema = (ema.decay, ema.start_step), None  # on the local shards / of the adapters only
@@ -385,15 +391,21 @@ def run_distill(
         (ac_mode(distill.student.activation_checkpointing), ac_mode(distill.critic.activation_checkpointing)),
         key=lambda mode: layer_activation_bytes(mode, model_cfg.ac_every),
     )
+    shared_lora = (
+        lora is not None and lora.shared_base
+    )  # the planner's LoRA rows: one base for the three roles
     spec, row = memory_plan(
         ctx, nodes, model_cfg, "dmd2_distill", ac, distill.ema.decay > 0 and not distill.ema.on_cpu,
-        distill.teacher.dtype,
+        distill.teacher.dtype, lora_rank=lora.rank if shared_lora else None,
     )  # fmt: skip
     if ctx.dry_run:
         from magi_train.training.memory import role_parameters
 
         counts = role_parameters(model_cfg)
-        print(f"parameters per role: {counts.total:,} (teacher, critic and student each)")
+        roles = (
+            "one base for teacher, critic and student" if shared_lora else "teacher, critic and student each"
+        )
+        print(f"parameters per role: {counts.total:,} ({roles})")
         print_plan(spec, row)
         return {"parameters": counts.total, "plan_gib": row.total}
     assert data is not None, "only a dry run goes without data"
