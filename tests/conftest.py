@@ -7,6 +7,11 @@ import torch
 
 from tests.fixtures.smoke import SMOKE_TRAIN
 
+# Under pytest-xdist (the README's command runs 2 workers on 2 cores): one intra-op thread per worker and per
+# process it starts, else OpenMP threads of the two workers spin against each other (10x slower tiny models)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

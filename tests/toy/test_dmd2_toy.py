@@ -67,7 +67,7 @@ def test_control_fails_a_bound(toy, control):
     assert fails, f"negative control {control} meets every bound: {stats}"
     if control == "sign of g flipped":  # fails bounds the student meets
         assert {"joint_ratio", "std_ratio_audio"} <= set(fails) - set(toy["student"][1]), fails
-    if control == "critic with an x0 target":  # a wrong critic objective: further from the data on every distance
+    if control == "critic with an x0 target":  # a wrong critic objective: further from the data everywhere
         student = toy["student"][0]
         keys = [f"{d}_{m}" for d in ("mmd2", "sw1") for m in ("video", "audio", "joint")] + ["mode_tv"]
         assert [k for k in keys if stats[k] > student[k]] == keys, (stats, student)
