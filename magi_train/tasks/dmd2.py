@@ -358,14 +358,17 @@ class DMD2Task(L.LightningModule):
             method=c.score_sigma_method,
         )
 
-    def discriminate(
-        self, x0: dmd.Batch, sigma: Tensor, cond: DiTCondition, generator: torch.Generator
-    ) -> Tensor:
-        """GAN logits [N] of clean latents x0, diffusion-noised to sigma and read through the critic's features."""
+    def discriminate(self, x_t: dmd.Batch, sigma: Tensor, cond: DiTCondition) -> Tensor:
+        """GAN logits [N] of latents already noised to sigma, read through the critic's features."""
         assert self.disc is not None and self._tap is not None
-        x_t = dmd.noise_batch(x0, dmd.randn_like_batch(x0, generator), sigma)
+        self._tap.value = None
         self.critic_score(x_t, sigma, cond)
         return self.disc(*self._tap.pop())
+
+    def gan_sigma(self, n: int, generator: torch.Generator) -> Tensor:
+        """Noise levels of the diffusion-GAN inputs: uniform over the whole training range, as DMD2 draws them
+        (flow/dmd.py sample_gan_sigma), not the DMD step's shifted and clamped levels."""
+        return dmd.sample_gan_sigma(n, generator=generator, device=self.device)
 
     # -- the two objectives ------------------------------------------------------------------------------------
 
@@ -401,10 +404,9 @@ class DMD2Task(L.LightningModule):
         }
         loss = out.loss
         if c.gan:
-            self._tap.value = None
-            gan = dmd.gan_generator_loss(
-                self.discriminate(x_g, self.score_sigma(n, generator), cond, generator)
-            )
+            sigma_gan = self.gan_sigma(n, generator)
+            x_t = dmd.noise_batch(x_g, dmd.randn_like_batch(x_g, generator), sigma_gan)
+            gan = dmd.gan_generator_loss(self.discriminate(x_t, sigma_gan, cond))
             loss = loss + c.gan_generator_weight * gan
             logs["gan_generator_loss"] = gan.detach()
         return loss, x_g, logs
@@ -419,9 +421,11 @@ class DMD2Task(L.LightningModule):
         sigma = self.score_sigma(n, generator)
         loss = dmd.critic_loss(self.critic_score, x_g, sigma, cond, generator=generator)
         logs = {"critic_loss": loss.detach()}
-        if c.gan:
-            fake = self.disc(*self._tap.pop())  # features of the critic pass that gave the loss above
-            real_logits = self.discriminate(real, self.score_sigma(n, generator), cond, generator)
+        if c.gan:  # DMD2: real and fake noised at the same levels, uniform over the training range
+            sigma_gan = self.gan_sigma(n, generator)
+            real_t, fake_t = dmd.diffusion_gan_inputs(real, x_g, sigma_gan, generator)
+            fake = self.discriminate(fake_t, sigma_gan, cond)
+            real_logits = self.discriminate(real_t, sigma_gan, cond)
             gan = dmd.gan_discriminator_loss(real_logits, fake)
             loss = loss + c.gan_critic_weight * gan
             logs["gan_critic_loss"] = gan.detach()

@@ -211,6 +211,34 @@ def test_each_phase_reaches_only_its_role_and_all_roles_see_the_same_conditionin
     assert all(x.shape[0] == 1 and not x.any() for x in seen["teacher"][1][2])
 
 
+def test_gan_inputs_are_real_and_fake_at_the_same_uniform_levels(monkeypatch):
+    """DMD2's diffusion GAN: the discriminator sees real and fake clips noised at the same per-clip level, drawn
+    uniformly over the whole training range (not at the DMD step's shifted, clamped levels)."""
+    task = _task(gan=True)
+    video, audio, text = _clips()
+    cond = DiTCondition(text, [None] * 3, [None] * 3)
+    drawn, paired, seen = [], [], []
+    sample, pair = dmd.sample_gan_sigma, dmd.diffusion_gan_inputs
+
+    def sampling(*args, **kwargs):
+        drawn.append(sample(*args, **kwargs))
+        return drawn[-1]
+
+    def pairing(real, fake, sigma, generator=None):
+        paired.append(sigma)
+        return pair(real, fake, sigma, generator)
+
+    monkeypatch.setattr(dmd, "sample_gan_sigma", sampling)
+    monkeypatch.setattr(dmd, "diffusion_gan_inputs", pairing)
+    task.critic.register_forward_pre_hook(lambda m, args: seen.append([v.clone() for v in args[0]]))
+    gen = torch.Generator().manual_seed(0)
+    fake = [[v + 0.5 for v in video], [a - 0.5 for a in audio]]
+    task.critic_objective(fake, [video, audio], cond, gen)
+    assert len(drawn) == 1 and paired == drawn and len(drawn[0]) == 3  # one level per clip for both batches
+    # passes: the critic loss, then fake and real at the GAN levels (clip 0 differs from the loss pass's)
+    assert len(seen) == 3 and not torch.equal(seen[0][0], seen[1][0])
+
+
 def test_invalid_roles_are_rejected():
     with pytest.raises(ValueError, match="distill.teacher.dtype='fp16'"):
         _task(teacher=TeacherConfig(dtype="fp16"))
