@@ -257,6 +257,8 @@ class DistillConfig:
     score_sigma_max: float = 0.98
     score_sigma_method: str = "clamp"  # clamp | truncate (flow/dmd.py sample_score_sigma)
     guidance: Guidance = field(default_factory=Guidance)  # CFG inside the teacher (released scales)
+    # the teacher's conditional and unconditional branches as 2N clips of one packed forward (False: two forwards)
+    batch_cfg: bool = True
     negative_text: str = "null"  # uncond features: null (one zero token) or a .npy [L, D], as flow.null_text
     normalizer: str = "per_sample"  # per_sample (DMD2) | batch (FastVideo) | none
     audio_weight: float = 1.0  # weight of the audio DMD term (per-modality means)

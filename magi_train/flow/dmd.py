@@ -270,15 +270,20 @@ def teacher_x0(
     Guidance is applied to the velocity, which equals applying it to x0 (x0 = x_t - s v is affine in v
     with the same x_t in both branches). `uncond` is the caller's negative-prompt / null conditioning; the
     unconditional pass is skipped when every scale is 1. The critic (fake score) never uses CFG: call
-    `predict_x0` for it.
+    `predict_x0` for it. A teacher with a `cond_uncond(x_t, sigma, cond, uncond)` method runs both branches at
+    once (e.g. as 2N clips of one packed forward: tasks/dmd2.py DiTScore).
     """
     scales = guidance_scales(guidance, sigma, len(x_t))
-    v = teacher(x_t, sigma, cond)
     if any(bool((w != 1).any()) for w in scales):
         if uncond is None:
             raise ValueError("CFG scale != 1 needs the unconditional (negative-prompt) conditioning `uncond`")
-        v_u = teacher(x_t, sigma, uncond)
+        both = getattr(teacher, "cond_uncond", None)  # a model that runs both branches in one forward
+        v, v_u = both(x_t, sigma, cond, uncond) if both is not None else (
+            teacher(x_t, sigma, cond), teacher(x_t, sigma, uncond)
+        )  # fmt: skip
         v = [_map_sigma(cfg_combine, w, c, u) for c, u, w in zip(v, v_u, scales, strict=True)]
+    else:
+        v = teacher(x_t, sigma, cond)
     return x0_batch(x_t, v, sigma)
 
 

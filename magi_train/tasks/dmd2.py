@@ -75,9 +75,25 @@ class DiTScore:
     teacher under autocast.
     """
 
-    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None, batch_cfg: bool = False):
         self.model = model
         self.autocast_dtype = autocast_dtype
+        if batch_cfg:  # dmd.teacher_x0 then runs the conditional and unconditional branches in one forward
+            self.cond_uncond = self._cond_uncond
+
+    def _cond_uncond(
+        self, xs: dmd.Batch, sigma: Tensor, cond: DiTCondition, uncond: DiTCondition
+    ) -> tuple[dmd.Batch, dmd.Batch]:
+        """Both CFG branches as 2N clips of one packed forward (per-clip attention keeps them apart)."""
+        video, audio = xs
+        n = len(video)
+        both = DiTCondition(
+            cond.text + uncond.text,
+            cond.first_frames + uncond.first_frames,
+            cond.clean_audio + uncond.clean_audio,
+        )
+        v, a = self([video + video, audio + audio], torch.cat([sigma, sigma]), both)
+        return [v[:n], a[:n]], [v[n:], a[n:]]
 
     def __call__(self, xs: dmd.Batch, sigma: Tensor, cond: DiTCondition) -> dmd.Batch:
         video, audio = xs
@@ -239,7 +255,8 @@ class DMD2Task(L.LightningModule):
         shared = (
             bf16 if base is not None else None
         )  # the roles of a bf16-stored shared base run as the teacher
-        self.teacher_score, self.critic_score = DiTScore(teacher, bf16), DiTScore(critic, shared)
+        self.teacher_score = DiTScore(teacher, bf16, batch_cfg=cfg.batch_cfg)
+        self.critic_score = DiTScore(critic, shared)
         self.student_score = DiTScore(student, shared)
         self.lora = bool(adapter_parameters(base if base is not None else critic))
         self.disc: DiscriminatorHead | None = None

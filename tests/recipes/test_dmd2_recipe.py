@@ -159,7 +159,7 @@ def test_score_adapter_pins_i2v_frame_and_a2v_audio():
 
 
 def test_each_phase_reaches_only_its_role_and_all_roles_see_the_same_conditioning():
-    task = _task()
+    task = _task(batch_cfg=False)  # the teacher's two branches as two forwards (batched: the test below)
     video, audio, text = _clips()
     cond = DiTCondition(text, [None, video[1][:, :1], None], [None, None, audio[2]])
     uncond = cond.with_text([torch.zeros(1, TINY.text_in_channels)] * 3)
@@ -209,6 +209,30 @@ def test_each_phase_reaches_only_its_role_and_all_roles_see_the_same_conditionin
     assert len(seen["teacher"]) == 2
     torch.testing.assert_close(pinned(seen["teacher"][1])[0], ref[0])
     assert all(x.shape[0] == 1 and not x.any() for x in seen["teacher"][1][2])
+
+
+def test_batched_teacher_guidance_equals_two_forwards():
+    """distill.batch_cfg: the teacher's conditional and unconditional branches as 2N clips of one packed forward
+    give the guided x0 of two forwards (with i2v / a2v conditions pinned)."""
+    task = _task()
+    video, audio, text = _clips()
+    cond = DiTCondition(text, [None, video[1][:, :1], None], [None, None, audio[2]])
+    uncond = cond.with_text([torch.zeros(1, TINY.text_in_channels)] * 3)
+    sigma = torch.tensor([0.3, 0.6, 0.9])
+    x_t = dmd.noise_batch([video, audio], dmd.randn_like_batch([video, audio]), sigma)
+    calls = []
+    task.teacher.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    batched = DiTScore(task.teacher, batch_cfg=True)
+    two = DiTScore(task.teacher, batch_cfg=False)
+    a = dmd.teacher_x0(batched, x_t, sigma, cond, uncond, task.cfg.guidance)
+    b = dmd.teacher_x0(two, x_t, sigma, cond, uncond, task.cfg.guidance)
+    assert calls == [6, 3, 3]  # one forward of 2N clips, then two of N
+    for xa, xb in zip(a, b, strict=True):
+        for p, q in zip(xa, xb, strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+    c = dmd.teacher_x0(two, x_t, sigma, cond, cond, task.cfg.guidance)  # control: uncond matters
+    assert max(float((p - q).abs().max()) for p, q in zip(a[0], c[0], strict=True)) > 1e-3
+    assert task.teacher_score.cond_uncond is not None  # the recipe default: batched
 
 
 def test_gan_inputs_are_real_and_fake_at_the_same_uniform_levels(monkeypatch):
