@@ -41,7 +41,7 @@ from magi_train.models.dit import (
     pack,
     unpatchify,
 )
-from magi_train.models.lora import LoRAPair, recompute_contexts
+from magi_train.models.lora import recompute_contexts
 from magi_train.models.tread import TreadConfig, enable_tread
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "cp")
@@ -348,8 +348,9 @@ def _fsdp_mesh(mesh):
 
 
 def apply_fsdp(model: DiT, mesh, cfg: ParallelConfig) -> DiT:
-    """fully_shard per TransformerLayer (its RMSNorms, and LoRA adapters if any, as their own fp32 groups), then the
-    root (fp32 islands)."""
+    """fully_shard per TransformerLayer (its RMSNorms as their own fp32 group), then the root (fp32 islands). LoRA
+    adapters (models/lora.py) stay in their layer's group: gathered, resharded and reduced with it (a group of their
+    own, interleaved between the DMD-2 roles' forwards, lost their gathered storage before backward)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     fsdp_mesh = _fsdp_mesh(mesh)
@@ -364,10 +365,17 @@ def apply_fsdp(model: DiT, mesh, cfg: ParallelConfig) -> DiT:
     for layer in _layers(model):
         norms = [m for m in layer.modules() if isinstance(m, ModalityRMSNorm)]
         fully_shard(norms, mp_policy=own, **common)
-        adapters = [m for m in layer.modules() if isinstance(m, LoRAPair)]
-        if adapters:  # LoRA (models/lora.py): trained fp32 next to a frozen base that may be stored in bf16;
-            # small, so kept gathered from forward to backward (the roles' forwards interleave before it)
-            fully_shard(adapters, mp_policy=own, **{**common, "reshard_after_forward": False})
+        stored = {
+            p.dtype
+            for m in layer.modules()
+            if not isinstance(m, ModalityRMSNorm)
+            for p in m.parameters(False)
+        }
+        if len(stored) > 1 and cfg.param_dtype == "fp32":  # FSDP2 gathers one dtype per group
+            raise ValueError(
+                f"a layer holds {sorted(map(str, stored))} weights (LoRA adapters on a bf16-stored base): under "
+                "strategy=fsdp2 use trainer.precision=bf16-mixed, or distill.teacher.dtype=fp32"
+            )
         fully_shard(layer, mp_policy=block, **common)
     # the root's parameters are used again by the heads after the last layer: keep them gathered
     fully_shard(model, mp_policy=own, **{**common, "reshard_after_forward": False})
