@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from magi_train.codecs.frozen import FrozenModule
 from magi_train.utils.fileio import atomic_file
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ def to_output_rate(wave: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(wave.device)
 
 
-class AudioVAE:
+class AudioVAE(FrozenModule):
     """Frozen Oobleck VAE: stereo waveform at 51.2 kHz `[B, 2, S]` <-> unscaled latents `[B, A, 64]`."""
 
     def __init__(self, model: AutoencoderOobleck):
@@ -102,19 +103,6 @@ class AudioVAE:
                 f"could not load a diffusers AutoencoderOobleck from {str(path)!r}: {err}"
             ) from err
         return cls(model.to(device))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> AudioVAE:
-        """Move the VAE weights."""
-        self.model.to(device=device, dtype=dtype)
-        return self
 
     def num_latents(self, num_samples: int) -> int:
         """Latents produced for `num_samples` input samples (padded up to a whole hop)."""

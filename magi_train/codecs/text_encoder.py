@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from magi_train.codecs.frozen import FrozenModule
+
 log = logging.getLogger(__name__)
 
 MAX_TEXT_TOKENS = 640
@@ -32,7 +34,7 @@ def pad_text_features(
     return out, lengths
 
 
-class TextEncoder:
+class TextEncoder(FrozenModule):
     """Frozen T5-Gemma encoder: prompts -> per-prompt features `[L_i, D]` fp32 with only real tokens."""
 
     def __init__(self, tokenizer: Any, model: Any):
@@ -87,15 +89,6 @@ class TextEncoder:
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.encoder.hidden_size)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TextEncoder:
-        """Move the encoder weights."""
-        self.model.to(device=device, dtype=dtype)
-        return self
 
     @torch.no_grad()
     def encode(

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from magi_train.codecs.frozen import FrozenModule
 from magi_train.codecs.video_vae import VIDEO_LATENT_CHANNELS, WAN22_LATENT_MEAN, WAN22_LATENT_STD
 from magi_train.utils.fileio import atomic_dir
 
@@ -516,7 +517,7 @@ def save_turbo_vae(path: str | Path, model: TurboVAED, overwrite: bool = True) -
 # ---------------------------------------------------------------------------------------------------------
 
 
-class TurboVAE:
+class TurboVAE(FrozenModule):
     """Frozen TurboVAED as a video decoder: normalised latent `[B, 48, T, h, w]` -> pixels in [-1, 1], like
     `VideoVAE.decode` (it has no encoder: image latents for i2v still come from the Wan2.2 VAE)."""
 
@@ -535,18 +536,6 @@ class TurboVAE:
         what: str = "turbo_vae",
     ) -> TurboVAE:  # fmt: skip
         return cls(load_turbo_vaed(path, dtype, device, what), str(path))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TurboVAE:
-        self.model.to(device=device, dtype=dtype)
-        return self
 
     @torch.no_grad()
     def decode(self, latent: Tensor) -> Tensor:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
+from magi_train.codecs.frozen import FrozenModule
+
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan
     from PIL import Image
@@ -132,7 +134,7 @@ def center_crop_resize(image: Any, width: int, height: int) -> np.ndarray:
     return np.array(img, dtype=np.uint8)  # a writable copy
 
 
-class VideoVAE:
+class VideoVAE(FrozenModule):
     """Frozen Wan2.2 VAE: pixels in [-1, 1] <-> per-channel normalised latents `[B, 48, T, H/16, W/16]`."""
 
     def __init__(
@@ -201,19 +203,6 @@ class VideoVAE:
                 f"could not load a diffusers AutoencoderKLWan from {str(path)!r}: {err}"
             ) from err
         return cls(model.to(device))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> VideoVAE:
-        """Move the VAE weights (the normalisation stays fp32)."""
-        self.model.to(device=device, dtype=dtype)
-        return self
 
     def check_pixels(self, pixels: torch.Tensor) -> None:
         """Raise ValueError unless `pixels` is `[B, 3, 1+4k, H, W]`, H and W multiples of the stride."""
