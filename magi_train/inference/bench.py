@@ -51,6 +51,20 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
     return out
 
 
+def interleaved(
+    variants: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median seconds per call of each variant, the variants interleaved call by call (one of each per round), so
+    that a change of load on a shared machine weighs on all of them alike."""
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    for k in range(warmup + repeats):
+        for name, fn in variants.items():
+            t = timed(fn, device, 1, 0)[0]
+            if k >= warmup:
+                runs[name].append(t)
+    return {name: statistics.median(values) for name, values in runs.items()}
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -74,14 +88,10 @@ def bench_decode(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     latent = torch.randn(1, 48, args.frames, args.height, args.width, device=device)
     result = {"bench": "decode", "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
               "latent": list(latent.shape), "pixels": list(turbo.decode(latent).shape)}  # fmt: skip
-    runs: dict[str, list[float]] = {"turbo": [], "wan2.2": []}
-    for k in range(args.warmup + args.repeats):  # interleaved, as in bench_guidance
-        for name, dec in (("turbo", turbo), ("wan2.2", wan)):
-            t = timed(lambda d=dec: d.decode(latent), device, 1, 0)[0]
-            if k >= args.warmup:
-                runs[name].append(t)
-    for name, values in runs.items():
-        result[f"{name}_s"] = round(statistics.median(values), 4)
+    decoders = {"turbo": turbo, "wan2.2": wan}
+    variants = {name: (lambda d=dec: d.decode(latent)) for name, dec in decoders.items()}
+    for name, seconds in interleaved(variants, device, args.repeats, args.warmup).items():
+        result[f"{name}_s"] = round(seconds, 4)
     result["wan_over_turbo"] = round(result["wan2.2_s"] / result["turbo_s"], 2)
     return result
 
@@ -109,15 +119,9 @@ def bench_guidance(args: argparse.Namespace, device: torch.device, dtype: torch.
     result = {"bench": "guidance", "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
               "model": args.model, "parameters": model.num_parameters(), "clips": n,
               "tokens_per_step": tokens}  # fmt: skip
-    # interleaved, one of each per round, so that a change of load on a shared machine hits both alike
-    runs: dict[str, list[float]] = {"batched": [], "two_forwards": []}
-    for k in range(args.warmup + args.repeats):
-        for name, batched in (("batched", True), ("two_forwards", False)):
-            t = timed(lambda b=batched: call(b), device, 1, 0)[0]
-            if k >= args.warmup:
-                runs[name].append(t)
-    for name, values in runs.items():
-        result[f"{name}_s"] = round(statistics.median(values), 4)
+    variants = {"batched": lambda: call(True), "two_forwards": lambda: call(False)}
+    for name, seconds in interleaved(variants, device, args.repeats, args.warmup).items():
+        result[f"{name}_s"] = round(seconds, 4)
     result["two_forwards_over_batched"] = round(result["two_forwards_s"] / result["batched_s"], 2)
     return result
 
