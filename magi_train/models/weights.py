@@ -473,7 +473,7 @@ def lora_base_source(config: dict) -> tuple[str, str]:
 def _load_lora_run(source: str | Path, cfg: DiTConfig | None, weights: str, what: str, device, dtype_policy):
     """A LoRA run's checkpoint as a DiT: its base (from where the run read it) with the trained adapter live."""
     from magi_train.models.lora import LoRAConfig as _LoRAConfig
-    from magi_train.models.lora import add_adapter_tensors, config_from_metadata, format_metadata
+    from magi_train.models.lora import add_adapter_tensors
 
     tensors, name, which, config = read_adapter_checkpoint(source, weights)
     base, key = lora_base_source(config)
@@ -485,8 +485,7 @@ def _load_lora_run(source: str | Path, cfg: DiTConfig | None, weights: str, what
                           dtype_policy=dtype_policy)  # fmt: skip
     except ValueError as err:
         raise ValueError(f"{err}; a LoRA checkpoint needs the base it was trained on") from err
-    values = {k: v for k, v in config["lora"].items() if k != "shared_base"}
-    lora_cfg = config_from_metadata(format_metadata(_LoRAConfig(**values)), str(source))
+    lora_cfg = _LoRAConfig(**config["lora"])  # the run's resolved `lora` node
     add_adapter_tensors(loaded.model, lora_cfg, tensors, name, f"{what}={source}")
     meta = {"path": str(source), "adapter": name, "weights": which, "base": str(base), "rank": lora_cfg.rank}
     return LoadedDiT(loaded.model, source_kind(source), which, str(source), config.get("task"), config, meta)

@@ -82,6 +82,8 @@ class PretrainTask(L.LightningModule):
         kept on the local shards under fsdp2 (other strategies use Lightning's EMA callback)."""
         super().__init__()
         self.model = model
+        # only LoRA adapters train (models/lora.py): checkpoints then hold only them (and their EMA)
+        self.lora = bool(adapter_parameters(model))
         self.setup_cfg = setup or RoleSetup()
         self.sharded_ema = sharded_ema
         self.ema: ShardedEMA | None = None
@@ -106,11 +108,6 @@ class PretrainTask(L.LightningModule):
                 )
             keep = is_adapter_key if self.lora else None  # LoRA: the average of the adapters only
             self.ema = ShardedEMA(*self.sharded_ema).attach(self.model, keep=keep)
-
-    @property
-    def lora(self) -> bool:
-        """Whether only LoRA adapters train (models/lora.py); checkpoints then hold only them (and their EMA)."""
-        return bool(adapter_parameters(self.model))
 
     def checkpoint_skip(self, key: str) -> bool:
         """State-dict keys a checkpoint leaves out (fsdp2 resume loads without them): LoRA's frozen base."""

@@ -149,8 +149,7 @@ def export_adapter(
     from magi_train.utils.fileio import atomic_file
 
     tensors, name, which, config = read_adapter_checkpoint(path, weights, adapter)
-    values = {k: v for k, v in config["lora"].items() if k != "shared_base"}
-    metadata = format_metadata(LoRAConfig(**values))
+    metadata = format_metadata(LoRAConfig(**config["lora"]))  # the run's resolved `lora` node
     out = Path(out)
     atomic_file(out, lambda p: safetensors.torch.save_file(tensors, p, metadata=metadata))
     print(f"adapter {name!r} ({which} weights) of {path}: {len(tensors)} tensors")
