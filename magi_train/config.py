@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import MISSING, OmegaConf
 
 from magi_train.codecs.turbo_vae import TurboVAEConfig
-from magi_train.flow.sampling import Guidance
+from magi_train.flow.sampling import Guidance, SRGuidance
 from magi_train.models.dit import MODEL_CONFIGS, DiTConfig
 from magi_train.models.lora import LoRAConfig
 
@@ -196,6 +196,10 @@ class GenerateConfig:
     distilled_shift: float | None = None
     cfg: bool = True  # classifier-free guidance of the base sampler
     guidance: Guidance = field(default_factory=Guidance)  # its scales (released; spec §4.5)
+    # CFG in the SR stage too (the release's sr_cfg_number=2; its configs run without, as the default here), with
+    # per-latent-frame video scales (spec §5 item 5); the uncond branch is the same negative prompt
+    sr_cfg: bool = False
+    sr_guidance: SRGuidance = field(default_factory=SRGuidance)
     sr_alpha: float = 0.8389  # released SR re-noise a and audio noise scale (spec §5)
     sr_audio_noise_scale: float = 0.7
     codecs_dir: str | None = None  # a folder with video_vae/ audio_vae/ text_encoder/

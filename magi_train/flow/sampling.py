@@ -46,6 +46,29 @@ class Guidance:
         video = torch.where(t > self.switch_t, self.video_scale, self.video_scale_late)
         return video, torch.full_like(video, self.audio_scale)
 
+    def frame_scales(self, t: float, num_frames: int) -> tuple[Tensor, float]:
+        """(video scale per latent frame [T], audio scale) at timestep t: one value for every frame here."""
+        video, audio = self.scales(torch.tensor(t))
+        return torch.full((num_frames,), float(video)), float(audio)
+
+
+@dataclass
+class SRGuidance:
+    """CFG of the SR stage when it runs with CFG (the release's sr_cfg_number = 2; its example configs run 1, no
+    CFG), spec §5 item 5: the video scale is a per-latent-frame tensor, sr_video_txt_guidance_scale 3.5 but
+    min(cfg_trick_value, 3.5) = 2.0 on the first cfg_trick_start_frame = 13 latent frames ("avoid over exposure
+    in I2V"), at every step; audio audio_txt_guidance_scale 5.0 (the SR model's audio output is discarded)."""
+
+    video_scale: float = 3.5
+    audio_scale: float = 5.0
+    trick_frames: int = 13  # 0 turns the trick off (the release's use_cfg_trick=False)
+    trick_value: float = 2.0
+
+    def frame_scales(self, t: float, num_frames: int) -> tuple[Tensor, float]:
+        video = torch.full((num_frames,), self.video_scale)
+        video[: self.trick_frames] = min(self.trick_value, self.video_scale)
+        return video, self.audio_scale
+
 
 def released_sigmas(num_steps: int, shift: float = 5.0) -> Tensor:
     """The n+1 shifted sigmas of the released schedule: shift(linspace(0.999, 0, n+1)[:-1]) then 0."""
@@ -78,7 +101,7 @@ def make_unipc(num_steps: int, shift: float = 5.0, order: int = 2):
     return sched
 
 
-def cfg_combine(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+def cfg_combine(cond: Tensor, uncond: Tensor, scale: float | Tensor) -> Tensor:
     """Ho-Salimans guidance u + w (c - u); w = 1 gives the conditional prediction."""
     return uncond + scale * (cond - uncond)
 
@@ -185,7 +208,7 @@ def sample_unipc(
     negative_text: list[Tensor] | None,
     num_steps: int = 32,
     shift: float = 5.0,
-    guidance: Guidance | None = None,
+    guidance: Guidance | SRGuidance | None = None,
     first_frames: list[Tensor | None] | None = None,
     clean_audio: list[Tensor | None] | None = None,
     progress: bool = False,
@@ -193,7 +216,8 @@ def sample_unipc(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Base sampler: flow UniPC-2 on video and audio, CFG with the negative prompt as the uncond branch.
 
-    video/audio: initial noise per clip. negative_text None runs without CFG (guidance None: released scales).
+    video/audio: initial noise per clip. negative_text None runs without CFG (guidance None: the released base
+    scales; SRGuidance: the SR stage's per-frame video scales).
     first_frames (i2v) are re-imposed before every step and at the end; clean_audio (a2v) is held fixed
     and not updated (the released cfg-2 path). batch_cfg: both CFG branches in one packed forward
     (`cond_uncond`); False runs two forwards per step as the release does.
@@ -208,9 +232,12 @@ def sample_unipc(
         video, audio = impose_conditions(video, audio, first_frames, clean_audio)
         if use_cfg:
             v_cond, a_cond, v_unc, a_unc = cond_uncond(model, video, audio, text, negative_text, batch_cfg)
-            sv, sa = (float(w) for w in guidance.scales(torch.tensor(t)))
-            v_cond = [cfg_combine(c, u, sv) for c, u in zip(v_cond, v_unc, strict=True)]
-            a_cond = [cfg_combine(c, u, sa) for c, u in zip(a_cond, a_unc, strict=True)]
+            scales = [guidance.frame_scales(t, v.shape[1]) for v in video]
+            v_cond = [  # [T] per-frame scales broadcast over [C, T, H, W]
+                cfg_combine(c, u, sv.to(c)[:, None, None])
+                for c, u, (sv, _) in zip(v_cond, v_unc, scales, strict=True)
+            ]
+            a_cond = [cfg_combine(c, u, sa) for c, u, (_, sa) in zip(a_cond, a_unc, scales, strict=True)]
         else:
             v_cond, a_cond = model(video, audio, text)
         for i, (sv_sched, sa_sched) in enumerate(scheds):
@@ -259,6 +286,7 @@ __all__ = [
     "Denoiser",
     "Guidance",
     "Modality",
+    "SRGuidance",
     "Mode",
     "X0Predictor",
     "cfg_combine",

@@ -418,7 +418,8 @@ def load_pipeline(cfg: GenerateConfig) -> Pipeline:
         return loaded
 
     text_encoder = None
-    if cfg.prompt or (cfg.cfg and not distilled and not cfg.negative_text_features):  # needed: load it now
+    uses_negative = (cfg.cfg and not distilled) or (cfg.sr_cfg and cfg.sr_ckpt)
+    if cfg.prompt or (uses_negative and not cfg.negative_text_features):  # needed: load it now
         if text_path is None:
             raise ValueError(
                 "a prompt (or the negative prompt of CFG) needs generate.text_encoder or codecs_dir"
@@ -516,14 +517,22 @@ def _check_sr(cfg: GenerateConfig, pipe: Pipeline) -> None:
         raise ValueError("generate.sr_width/sr_height need generate.sr_ckpt (the SR DiT)")
 
 
+def base_cfg(cfg: GenerateConfig, pipe: Pipeline) -> bool:
+    return cfg.cfg and not pipe.distilled
+
+
+def sr_cfg(cfg: GenerateConfig, pipe: Pipeline) -> bool:
+    return cfg.sr_cfg and pipe.sr is not None
+
+
 def _text(cfg: GenerateConfig, pipe: Pipeline) -> tuple[Tensor, Tensor | None]:
-    """Prompt features and, when the base sampler uses CFG, the uncond (negative prompt) features."""
+    """Prompt features and, when the base or the SR sampler uses CFG, the uncond (negative prompt) features."""
     if cfg.text_features:
         text = load_text_features(cfg.text_features)
     else:
         text = pipe.text_encoder.encode([cfg.prompt])[0]
     negative = None
-    if cfg.cfg and not pipe.distilled:
+    if base_cfg(cfg, pipe) or sr_cfg(cfg, pipe):
         if cfg.negative_text_features:
             negative = load_text_features(cfg.negative_text_features, "generate.negative_text_features")
         else:
@@ -671,7 +680,7 @@ def generate(cfg: GenerateConfig, pipeline: Pipeline | None = None) -> GenerateR
                 [video0],
                 [audio0],
                 [text],
-                [negative] if negative is not None else None,
+                [negative] if base_cfg(cfg, pipe) else None,
                 num_steps=sampler.steps,
                 shift=sampler.shift,
                 guidance=cfg.guidance,
@@ -697,15 +706,17 @@ def generate(cfg: GenerateConfig, pipeline: Pipeline | None = None) -> GenerateR
             sr_in = sr_video_input(base_video, (sr_size.height, sr_size.width), cfg.sr_alpha, eps)
             audio_eps = torch.randn(audio.shape, generator=gen, device=device)
             sr_audio = sr_audio_condition(audio, audio_eps, cfg.sr_audio_noise_scale)
-            # released SR: no CFG (sr_cfg_number 1), audio condition held fixed, its output discarded
+            # released SR: no CFG (sr_cfg_number 1) unless generate.sr_cfg; audio held fixed, its output discarded
             (video,), _ = sample_unipc(
                 pipe.denoiser(pipe.sr),
                 [sr_in],
                 [sr_audio],
                 [text],
-                None,
+                [negative] if sr_cfg(cfg, pipe) else None,
                 num_steps=cfg.sr_steps,
                 shift=cfg.shift,
+                guidance=cfg.sr_guidance,
+                batch_cfg=cfg.batch_cfg,
                 first_frames=[sr_image] if sr_image is not None else None,
                 clean_audio=[sr_audio],
                 progress=cfg.progress,
@@ -714,6 +725,7 @@ def generate(cfg: GenerateConfig, pipeline: Pipeline | None = None) -> GenerateR
             "pixel_size": [sr_size.pixel_width, sr_size.pixel_height],
             "latent_size": [sr_size.height, sr_size.width],
             "steps": cfg.sr_steps,
+            "cfg": dataclasses.asdict(cfg.sr_guidance) if sr_cfg(cfg, pipe) else None,
             "checkpoint": pipe.sr.describe(),
         }
 

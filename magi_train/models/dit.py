@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from magi_train.models.attention import varlen_attention
+from magi_train.models.attention import frame_ids, local_varlen_attention, varlen_attention
 
 VIDEO, AUDIO, TEXT = 0, 1, 2  # modality ids; also the expert order in stacked weights (released order)
 NUM_MODALITIES = 3
@@ -43,6 +43,10 @@ class DiTConfig:
     audio_in_channels: int = 64
     text_in_channels: int = 3584  # T5-Gemma-9B encoder width
     text_coords: str = "v2"  # "v2": base/distill (text has no rotation); "v1": SR model (t in [0, 1])
+    # frame-local attention (the released 1080p SR model, spec §2.8): in these layers a video query of latent frame i
+    # sees the video keys of frames i - R .. i + R (R = frame_receptive_field) and every audio/text key
+    local_attn_layers: list[int] = field(default_factory=list)
+    frame_receptive_field: int = 11  # released DataProxyConfig
     rope_temperature: float = 10000.0
     norm_eps: float = 1e-6
     # runtime options, applied from outside by parallelize(); they do not change the weights
@@ -78,7 +82,9 @@ class DiTConfig:
             fail(f"head_dim {self.head_dim} must be a multiple of 8 (RoPE uses head_dim/8 bands per axis)")
         if self.num_heads_q % self.num_heads_kv:
             fail(f"{self.num_heads_q} query heads are not divisible into {self.num_heads_kv} KV groups")
-        for name in ("mm_layers", "gelu7_layers"):
+        if self.frame_receptive_field < 0:
+            fail(f"frame_receptive_field must be >= 0 latent frames, got {self.frame_receptive_field}")
+        for name in ("mm_layers", "gelu7_layers", "local_attn_layers"):
             bad = [i for i in getattr(self, name) if not 0 <= i < self.num_layers]
             if bad:
                 fail(f"{name} has layer indices {bad} outside [0, {self.num_layers})")
@@ -112,6 +118,7 @@ class PackedSeq:
     rope: Tensor  # [L, 3/4 * head_dim] fp32: [sin_t sin_h sin_w | cos_t cos_h cos_w]
     video_grids: list[tuple[int, int, int]]  # (T, H, W) latent size per clip
     audio_lens: list[int]
+    frame: Tensor | None = None  # [L] long latent frame of each video token, -1 for audio/text (local layers)
 
     def by_modality(self, x: Tensor) -> list[Tensor]:
         """Split token rows [L, ...] into per-modality blocks (video, audio, text)."""
@@ -120,10 +127,13 @@ class PackedSeq:
     def from_modality(self, parts: list[Tensor]) -> Tensor:
         return torch.cat(parts)[self.inv_perm]
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-        """Per-clip attention of this layout's tokens; a context-parallel layout (models/parallelize.py)
-        overrides it to exchange heads for tokens across its ranks around the same varlen attention."""
-        return varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen, backend)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, backend: str, window: int | None = None) -> Tensor:
+        """Per-clip attention of this layout's tokens, frame-local within `window` latent frames when given; a
+        context-parallel layout (models/parallelize.py) overrides it to exchange heads for tokens across its ranks
+        around the same attention."""
+        if window is None:
+            return varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen, backend)
+        return local_varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen, self.frame, window, backend)
 
 
 def patchify(video: Tensor) -> Tensor:
@@ -212,7 +222,7 @@ def pack(
             f"{len(video)}, {len(audio)}, {len(text)}"
         )
     device = video[0].device
-    modality, positions, lens = [], [], []
+    modality, positions, lens, frames = [], [], [], []
     vid_tokens, aud_tokens, txt_tokens, grids = [], [], [], []
     for i, (v, a, s) in enumerate(zip(video, audio, text, strict=True)):
         if v.ndim != 4 or v.shape[0] * 4 != cfg.video_in_channels or v.shape[2] % 2 or v.shape[3] % 2:
@@ -237,6 +247,7 @@ def pack(
         counts = (vt.shape[0], a.shape[0], s.shape[0])
         modality += [torch.full((n,), m, dtype=torch.long) for m, n in enumerate(counts)]
         positions.append(token_positions(grid, a.shape[0], s.shape[0], cfg.text_coords))
+        frames.append(frame_ids(grid, a.shape[0], s.shape[0]))
         lens.append(sum(counts))
     modality_t = torch.cat(modality).to(device)
     perm = torch.argsort(modality_t, stable=True)
@@ -254,6 +265,7 @@ def pack(
         rope=rope_table(torch.cat(positions), bands.cpu()).to(device),
         video_grids=grids,
         audio_lens=[a.shape[0] for a in audio],
+        frame=torch.cat(frames).to(device),
     )
     inputs = [torch.cat(vid_tokens), torch.cat(aud_tokens), torch.cat(txt_tokens)]
     return inputs, layout
@@ -317,9 +329,10 @@ def gelu7(x: Tensor, alpha: float = 1.702) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: DiTConfig, num_modality: int):
+    def __init__(self, cfg: DiTConfig, num_modality: int, local: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.window = cfg.frame_receptive_field if local else None  # None: the clip's full attention
         hq, hkv, d = cfg.num_heads_q, cfg.num_heads_kv, cfg.head_dim
         # q | k | v | one gate logit per query head (the gate rows exist only with gating on)
         self.split = [hq * d, hkv * d, hkv * d] + ([hq] if cfg.enable_attn_gating else [])
@@ -338,7 +351,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q.float(), seq.rope), apply_rope(k.float(), seq.rope)
         dtype = v.dtype  # bf16 under autocast, fp32 otherwise
         v = v.reshape(n, cfg.num_heads_kv, cfg.head_dim)
-        out = seq.attend(q.to(dtype), k.to(dtype), v, cfg.attn_backend)
+        out = seq.attend(q.to(dtype), k.to(dtype), v, cfg.attn_backend, self.window)
         if gate:  # per-head sigmoid gate on the attention output, before linear_proj
             out = out * torch.sigmoid(gate[0].float()).to(out.dtype)[..., None]
         return self.linear_proj(out.reshape(n, -1), seq)
@@ -366,7 +379,7 @@ class TransformerLayer(nn.Module):
     def __init__(self, cfg: DiTConfig, index: int):
         super().__init__()
         num_modality = NUM_MODALITIES if index in cfg.mm_layers else 1
-        self.attention = Attention(cfg, num_modality)
+        self.attention = Attention(cfg, num_modality, local=index in cfg.local_attn_layers)
         self.mlp = MLP(cfg, num_modality, gelu=index in cfg.gelu7_layers)
 
     def forward(self, h: Tensor, seq: PackedSeq) -> Tensor:
@@ -466,6 +479,12 @@ class DiT(nn.Module):
 MODEL_CONFIGS: dict[str, DiTConfig] = {
     # The released architecture (15,299,419,136 parameters).
     "magihuman_15b": DiTConfig(),
+    # The released 1080p SR DiT (env SR2_1080, spec §2.8): the same weights' architecture with frame-local
+    # attention in 32 layers (full attention only in 3, 7, ..., 31: post_override_config) and the SR text coordinates.
+    "magihuman_15b_sr1080": DiTConfig(
+        text_coords="v1",
+        local_attn_layers=sorted(set(range(40)) - {3, 7, 11, 15, 19, 23, 27, 31}),
+    ),
     # ~1.4B, same structure (2 modality-specific layers at each end), for ablations on a few GPUs.
     "small": DiTConfig(
         num_layers=24,

@@ -31,7 +31,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from magi_train.models.attention import varlen_attention
+from magi_train.models.attention import local_varlen_attention, varlen_attention
 from magi_train.models.dit import (
     TEXT,
     DiT,
@@ -226,8 +226,16 @@ class UlyssesSeq(PackedSeq):
     rank: int = 0
     # TREAD-routed layout (models/tread.py): the gathered rows that are tokens, not per-rank padding; None = all
     real_rows: Tensor | None = None
+    # latent frame ids of the rows attention runs over (the gathered sequence, real rows only): for local layers
+    gathered_frame: Tensor | None = None
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor, backend: str, window: int | None) -> Tensor:
+        if window is None:
+            return varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen, backend)
+        cu, longest, frame = self.cu_seqlens, self.max_seqlen, self.gathered_frame
+        return local_varlen_attention(q, k, v, cu, longest, frame, window, backend)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, backend: str, window: int | None = None) -> Tensor:
         cp, hkv = self.cp, k.shape[1]
         if (
             hkv % cp
@@ -235,10 +243,10 @@ class UlyssesSeq(PackedSeq):
             k, v = (t.repeat_interleave(cp // hkv, dim=1) for t in (k, v))
         q, k, v = (_seq_to_heads(t, self.group, cp) for t in (q, k, v))
         if self.real_rows is None:
-            out = varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen, backend)
+            out = self._attention(q, k, v, backend, window)
         else:
             rows = self.real_rows
-            out = varlen_attention(q[rows], k[rows], v[rows], self.cu_seqlens, self.max_seqlen, backend)
+            out = self._attention(q[rows], k[rows], v[rows], backend, window)
             out = q.new_zeros(q.shape[0], *out.shape[1:]).index_copy(0, rows, out)
         return _heads_to_seq(out, self.group, cp)
 
@@ -269,6 +277,7 @@ def _local_layout(seq: PackedSeq, group, cp: int, rank: int) -> tuple[UlyssesSeq
     cu = seq.cu_seqlens
     if pad:
         cu = torch.cat([cu, cu.new_tensor([total + pad])])
+    frame = torch.cat([seq.frame, torch.full((pad,), -1, dtype=torch.long, device=dev)])
     rows = slice(rank * chunk, (rank + 1) * chunk)
     local = modality[rows]
     perm = torch.argsort(local, stable=True)
@@ -288,6 +297,8 @@ def _local_layout(seq: PackedSeq, group, cp: int, rank: int) -> tuple[UlyssesSeq
         cp=cp,
         full=seq,
         rank=rank,
+        frame=frame[rows],
+        gathered_frame=frame,
     )
     return layout, rows, pad
 

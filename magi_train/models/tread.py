@@ -149,6 +149,7 @@ def routed_layout(seq: PackedSeq, keep: Tensor) -> tuple[PackedSeq, Tensor]:
         rope=seq.rope[rows],
         video_grids=seq.video_grids,  # the clips' full inputs; not used inside the layers
         audio_lens=seq.audio_lens,
+        frame=seq.frame[rows],
     )
     return layout, rows
 
@@ -186,6 +187,8 @@ def routed_cp_layout(seq, keep: Tensor) -> tuple[Any, Tensor, int]:
         full=None,
         rank=rank,
         real_rows=real,
+        frame=torch.cat([seq.frame[rows], torch.full((pad,), -1, dtype=torch.long, device=dev)]),
+        gathered_frame=seq.gathered_frame[keep.to(dev)],
     )
     return layout, rows, pad
 

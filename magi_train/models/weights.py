@@ -56,7 +56,9 @@ _WRAPPER_PARTS = re.compile(
 )
 # DiTConfig fields that change how the model runs, not its weights: never compared, reset when rebuilding.
 RUNTIME_FIELDS = {"activation_checkpointing": "none", "ac_every": 1, "compile": False, "tread": None}
-_RUNTIME_COMPARE_SKIP = (*RUNTIME_FIELDS, "attn_backend")
+# the attention pattern is not in the weights: full-attention SR weights may be trained or sampled frame-locally
+_ATTENTION_PATTERN = ("local_attn_layers", "frame_receptive_field")
+_RUNTIME_COMPARE_SKIP = (*RUNTIME_FIELDS, "attn_backend", *_ATTENTION_PATTERN)
 _SOURCE_HINT = (
     "expected a released-format DiT directory (model.safetensors.index.json with its shards, or model.safetensors), "
     "one of our checkpoints (<run_dir>/checkpoints/last.ckpt) or a sharded checkpoint directory (DeepSpeed, FSDP)"
@@ -128,6 +130,8 @@ def check_same_architecture(saved: DiTConfig, cfg: DiTConfig, where: str) -> Non
         ours, theirs = _plain(getattr(cfg, f.name)), _plain(getattr(saved, f.name))
         if f.name not in _RUNTIME_COMPARE_SKIP and ours != theirs:
             diff.append(f"model.{f.name}: checkpoint {theirs!r}, this run {ours!r}")
+        elif f.name in _ATTENTION_PATTERN and ours != theirs:
+            log.info("%s: model.%s is %r here, %r where it was trained", where, f.name, ours, theirs)
     if diff:
         raise ValueError(
             f"{where} was trained with another model config ({'; '.join(diff[:4])}); select the same model "

@@ -6,6 +6,7 @@ import torch
 from magi_train.flow import sampling
 from magi_train.flow.sampling import (
     Guidance,
+    SRGuidance,
     cfg_combine,
     cond_uncond,
     fresh_noise,
@@ -93,7 +94,7 @@ def test_unipc_uses_the_guidance_schedule_per_step(monkeypatch):
         return [v * 0 + off for v in video], [a * 0 + off for a in audio]
 
     def spy(c, u, w):
-        seen.append(w)
+        seen.append(torch.as_tensor(w).unique().tolist())  # video: one scale per latent frame
         return cfg_combine(c, u, w)
 
     monkeypatch.setattr(sampling, "cfg_combine", spy)
@@ -101,7 +102,7 @@ def test_unipc_uses_the_guidance_schedule_per_step(monkeypatch):
     g = Guidance(video_scale=7.0, video_scale_late=3.0, switch_t=833, audio_scale=4.0)
     sample_unipc(model, video, audio, [torch.ones(1, 8)], [torch.zeros(1, 8)], num_steps=8, guidance=g)
     # per step: video scale then audio scale; t = 833 is not > 833, so the switch happens there (strict >)
-    assert seen[0::2] == [7.0] * 4 + [3.0] * 4 and seen[1::2] == [4.0] * 8
+    assert seen[0::2] == [[7.0]] * 4 + [[3.0]] * 4 and seen[1::2] == [[4.0]] * 8
 
 
 class _Recorder:
@@ -136,6 +137,34 @@ def test_unipc_cfg_runs_uncond_with_negative_prompt_and_equal_branches_match_no_
     a = sample_unipc(_Recorder(), video, audio, text, text, num_steps=5, batch_cfg=batch_cfg)
     b = sample_unipc(_Recorder(), video, audio, text, None, num_steps=5)
     torch.testing.assert_close(a, b)
+
+
+def test_sr_guidance_scales_each_latent_frame_as_released():
+    video, audio = SRGuidance().frame_scales(999, 26)  # spec §5 item 5: sr_cfg_number 2 with the cfg trick
+    assert video.tolist() == [2.0] * 13 + [3.5] * 13 and audio == 5.0
+    assert SRGuidance().frame_scales(555, 26)[0].tolist() == video.tolist()  # no switch over the SR steps
+    assert SRGuidance().frame_scales(999, 5)[0].tolist() == [2.0] * 5
+    assert SRGuidance(trick_frames=0).frame_scales(999, 4)[0].tolist() == [3.5] * 4  # use_cfg_trick False
+    assert SRGuidance(video_scale=1.5).frame_scales(999, 15)[0].tolist() == [1.5] * 15  # min(2.0, 1.5)
+
+
+@pytest.mark.parametrize("batch_cfg", [False, True])
+def test_sr_guidance_gives_each_frame_its_scale(batch_cfg):
+    """With a frame-wise denoiser, frames 0..12 of the SR-guided sample equal a run guided at 2.0 everywhere and
+    frames 13.. one at 3.5."""
+    g = torch.Generator().manual_seed(0)
+    video, audio = [torch.randn(48, 16, 2, 2, generator=g)], [torch.randn(61, 64, generator=g)]
+    text, neg = [torch.ones(3, 8)], [torch.zeros(2, 8)]
+
+    def run(guidance):
+        return sample_unipc(_Recorder(), video, audio, text, neg, 5, guidance=guidance, batch_cfg=batch_cfg)
+
+    (sr,), _ = run(SRGuidance())
+    (low,), _ = run(Guidance(video_scale=2.0, video_scale_late=2.0))
+    (high,), _ = run(Guidance(video_scale=3.5, video_scale_late=3.5))
+    torch.testing.assert_close(sr[:, :13], low[:, :13], atol=1e-6, rtol=0)
+    torch.testing.assert_close(sr[:, 13:], high[:, 13:], atol=1e-6, rtol=0)
+    assert (low - high).abs().max() > 1e-2  # control: the two scales give different frames
 
 
 def _random_tiny_dit(seed=0):

@@ -308,3 +308,18 @@ def test_turbo_vae_errors_name_the_setting(tiny_codecs, tmp_path):
                          device="cpu", turbo_vae=str(tmp_path / "missing"))  # fmt: skip
     with pytest.raises(ValueError, match="generate.turbo_vae=.*is not a directory"):
         load_pipeline(cfg)
+
+
+def test_sr_cfg_guides_the_sr_stage_only(smoke, tmp_path):
+    """generate.sr_cfg (the release's sr_cfg_number=2): the SR stage runs CFG with the negative prompt and the
+    per-frame scales, even behind a distilled (CFG-free) base; the base stage is untouched."""
+    common = dict(base_ckpt=None, distilled_ckpt=str(smoke["base"]), sr_ckpt=str(smoke["sr"]), sr_width=64,
+                  sr_height=64)  # fmt: skip
+    pipe = load_pipeline(_cfg(smoke, tmp_path / "a.mp4", sr_cfg=True, **common))
+    guided = generate(_cfg(smoke, tmp_path / "a.mp4", sr_cfg=True, **common), pipe)
+    plain = generate(_cfg(smoke, tmp_path / "b.mp4", **common), pipe)
+    assert torch.equal(guided.base_video_latent, plain.base_video_latent)
+    assert (guided.video_latent - plain.video_latent).abs().max() > 1e-4
+    assert guided.info["sr"]["cfg"] == {"video_scale": 3.5, "audio_scale": 5.0, "trick_frames": 13,
+                                        "trick_value": 2.0}  # fmt: skip
+    assert plain.info["sr"]["cfg"] is None

@@ -183,13 +183,16 @@ def test_wandb_logger_offline(compose, tmp_path):
 
 
 def test_sr_smoke_run_learns(compose, tmp_path):
-    """recipe=pretrain_sr: the SR DiT learns to restore video from the re-noised upsampled low-res latent."""
+    """recipe=pretrain_sr: the SR DiT learns to restore video from the re-noised upsampled low-res latent; with
+    frame-local attention in two layers, as the 1080p SR model (a window of 0 latent frames: every clip is cut)."""
     run_dir = tmp_path / "sr"
     cfg = compose(
         [
             "recipe=pretrain_sr",
             "experiment=smoke",
             f"run_dir={run_dir}",
+            "model.local_attn_layers=[1,2]",
+            "model.frame_receptive_field=0",
             "trainer.enable_progress_bar=false",
             "trainer.max_steps=150",
             "trainer.val_check_interval=null",

@@ -1,7 +1,7 @@
 """Context-parallel check on 2 gloo processes (torchrun): a cp=2 forward and backward of a packed batch of 3 clips of
 different lengths (an odd token total, so the last rank holds padding) equals the one-process model, outputs and
 gradients to 1e-5, with and without FSDP2, with fewer KV heads than cp ranks (KV heads replicated), and with TREAD
-routing under FSDP2 (each rank routes its share of the one-process choice).
+routing under FSDP2 (each rank routes its share of the one-process choice); two of the layers attend frame-locally.
 
     torchrun --nproc_per_node 2 tests/scale/cp_check.py OUT.json
 """
@@ -33,6 +33,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def check(num_heads_kv: int, mesh) -> dict:
     cfg = copy.deepcopy(MODEL_CONFIGS["tiny"])
     cfg.num_heads_kv = num_heads_kv
+    # frame-local attention in the routed layers: clips of 2 and 3 latent frames are cut by a window of 0 frames
+    cfg.local_attn_layers, cfg.frame_receptive_field = [1, 2], 0
     torch.manual_seed(0)
     ref = DiT(cfg)
     for p in ref.parameters():  # non-zero heads and norms: every path carries gradient

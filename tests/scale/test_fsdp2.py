@@ -140,8 +140,10 @@ def test_pretrain_context_parallel_equals_one_process(pretrain_single, tmp_path_
 
 
 def test_super_resolution_fsdp2_equals_one_process(tmp_path_factory, init_dir):
-    single = train(tmp_path_factory, init_dir, "pretrain_sr", "single")
-    sharded = train(tmp_path_factory, init_dir, "pretrain_sr", "fsdp2")
+    # as the 1080p SR model: frame-local attention in two layers (a window of 0 latent frames cuts every clip)
+    local = ["model.local_attn_layers=[1,2]", "model.frame_receptive_field=0"]
+    single = train(tmp_path_factory, init_dir, "pretrain_sr", "single", *local)
+    sharded = train(tmp_path_factory, init_dir, "pretrain_sr", "fsdp2", *local)
     assert_same_losses(single, sharded, ["train/loss"])
 
 
