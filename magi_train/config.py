@@ -296,11 +296,16 @@ class VAEDistillConfig:
 
 @dataclass
 class EvalSuiteConfig:
-    """An eval suite (group `suite`, configs/suite/): a jsonl of prompts under eval/, or the latency table."""
+    """An eval suite (group `suite`, configs/suite/): a jsonl of prompts under eval/, a benchmark's own files in a
+    local folder (Verse-Bench, TalkVid-Bench: docs/eval.md "Benchmark suites"), or the latency table."""
 
     name: str = "smoke"
     kind: str = "quality"  # quality (VideoScore2-style scores + WER) | latency (Base / SR / Decode seconds)
+    # quality prompts: jsonl (`prompts`) | versebench | talkvid_bench (the benchmark folder `root`)
+    format: str = "jsonl"
     prompts: str | None = None  # jsonl, relative to the repository root or absolute
+    root: str | None = None  # benchmark folder (format versebench / talkvid_bench), absolute or relative
+    subsets: list[str] = field(default_factory=list)  # the benchmark's subsets to read; empty: all of them
     limit: int | None = None  # only the first N prompts
     seconds: float | None = None  # clip length for every prompt (else the prompt's, else generate.seconds)
     # latency: rows of the table, each {name, width, height[, sr_width, sr_height]}; N timed runs per row

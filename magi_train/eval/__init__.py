@@ -16,7 +16,7 @@ from magi_train.eval.preference import (
 )
 from magi_train.eval.speech import SpeechScore, aggregate, prompt_reference, score_transcript
 from magi_train.eval.stats import Estimate, bootstrap, clustered_mean_ci, mean_ci, paired_difference, ratio_ci
-from magi_train.eval.suite import SuitePrompt, load_suite
+from magi_train.eval.suite import SuitePrompt, load_suite, suite_prompts
 from magi_train.eval.text import DialogueLine, extract_dialogue, normalize_text
 from magi_train.eval.videoscore import (
     DIMENSIONS,
@@ -63,5 +63,6 @@ __all__ = [
     "ratio_ci",
     "read_judgements",
     "score_transcript",
+    "suite_prompts",
     "write_pair_sheet",
 ]

@@ -24,13 +24,14 @@ import torch
 from magi_train.config import DistillConfig, EvalConfig, GenerateConfig
 from magi_train.eval.report import summarize_model
 from magi_train.eval.runner import (
+    SUITE_MEDIA,
     bootstrap_settings,
     generate_config,
     load_scorers,
     prompt_config,
     score_clip,
 )
-from magi_train.eval.suite import load_suite
+from magi_train.eval.suite import suite_prompts
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,16 @@ class EvalCallback(L.Callback):
     def __init__(self, eval_cfg: EvalConfig, gen_cfg: GenerateConfig, run_dir: str | Path):
         if eval_cfg.every_n_steps <= 0:
             raise ValueError(f"EvalCallback needs eval.every_n_steps > 0, got {eval_cfg.every_n_steps}")
-        if not eval_cfg.suite.prompts:
-            raise ValueError("EvalCallback needs a quality suite with prompts (eval.suite.prompts)")
+        if eval_cfg.suite.kind != "quality":
+            raise ValueError(
+                f"EvalCallback needs a quality suite (prompts or a benchmark folder), got suite "
+                f"{eval_cfg.suite.name!r} of kind {eval_cfg.suite.kind!r}"
+            )
         self.eval_cfg, self.run_dir = eval_cfg, Path(run_dir)
         gen_cfg = generate_config(eval_cfg, gen_cfg)
         self.gen_cfg = dataclasses.replace(gen_cfg, sr_width=None, sr_height=None, progress=False)
-        self.prompts = load_suite(eval_cfg.suite.prompts, eval_cfg.callback_prompts)
+        media = self.run_dir / "eval_callback" / SUITE_MEDIA
+        self.prompts = suite_prompts(eval_cfg.suite, eval_cfg.callback_prompts, media)
         self._pipe = None  # codecs and the live model, set up at the first evaluation
         self._scorer = self._asr = None
         self._last_step = -1

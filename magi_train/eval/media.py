@@ -1,4 +1,5 @@
-"""Reading generated clips for scoring: the audio track as mono float at a given rate, frames at a given fps (PyAV)."""
+"""Reading clips for scoring (the audio track as mono float at a given rate, frames at a given fps) and the first
+frame of a benchmark clip (its i2v reference); PyAV."""
 
 from __future__ import annotations
 
@@ -78,6 +79,22 @@ def read_frames(
         rate = rate * (max_frames - 1) / max(len(video) - 1, 1)
         video = video[keep]
     return video, rate
+
+
+def first_frame(path: str | Path) -> np.ndarray:
+    """The first decodable frame of a video file as RGB `[H, W, 3]` uint8 (decodes nothing after it)."""
+    import av
+
+    path = _check(path)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"clip {str(path)!r} has no video stream")
+            for frame in container.decode(video=0):
+                return frame.to_ndarray(format="rgb24")
+    except av.error.FFmpegError as err:
+        raise ValueError(f"could not decode video from {str(path)!r}: {err}") from err
+    raise ValueError(f"clip {str(path)!r} has no decodable frames")
 
 
 def sample_like_training(

@@ -36,7 +36,7 @@ from magi_train.eval.report import (
     write_report,
 )
 from magi_train.eval.speech import SpeechScore, prompt_reference, score_transcript
-from magi_train.eval.suite import SuitePrompt, load_suite
+from magi_train.eval.suite import SuitePrompt, suite_prompts
 from magi_train.eval.videoscore import DIMENSIONS, VideoScorer, load_scorer
 from magi_train.utils.fileio import atomic_write, remove_temps
 
@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from magi_train.eval.sync import SyncScorer
 
 log = logging.getLogger(__name__)
+
+# <run_dir>/suite_media/: media a benchmark lacks as files (TalkVid-Bench's reference frames)
+SUITE_MEDIA = "suite_media"
 
 # generate keys that may differ between the models of one run (eval.models.<name>.<key>)
 _GENERATE_MODEL_KEYS = ("base_ckpt", "distilled_ckpt", "sr_ckpt", "sr_width", "sr_height", "base_model", "sr_model",
@@ -380,9 +383,7 @@ def evaluate_models(eval_cfg: EvalConfig, gen_cfg: GenerateConfig, out_dir: Path
     dict holds no summaries (`shard` says which part was done).
     """
     suite_cfg = eval_cfg.suite
-    if not suite_cfg.prompts:
-        raise ValueError(f"suite {suite_cfg.name!r} names no prompts file (eval.suite.prompts)")
-    prompts = load_suite(suite_cfg.prompts, suite_cfg.limit)
+    prompts = suite_prompts(suite_cfg, suite_cfg.limit, out_dir / SUITE_MEDIA)
     specs = resolve_models(eval_cfg, gen_cfg)
     sharded = eval_cfg.num_shards > 1 and not eval_cfg.merge_only
     mine = shard_prompts(prompts, eval_cfg.num_shards, eval_cfg.shard_index) if sharded else prompts
@@ -443,7 +444,14 @@ def evaluate_models(eval_cfg: EvalConfig, gen_cfg: GenerateConfig, out_dir: Path
         seconds[spec.name] += time.perf_counter() - start
         log.info("scored %s: %d prompts in %.1f s", spec.name, len(mine), seconds[spec.name])
     report: dict[str, Any] = {
-        "suite": {"name": suite_cfg.name, "prompts": str(suite_cfg.prompts), "count": len(prompts)},
+        "suite": {
+            "name": suite_cfg.name,
+            "format": suite_cfg.format,
+            "prompts": suite_cfg.prompts,
+            "root": suite_cfg.root,
+            "subsets": list(suite_cfg.subsets),
+            "count": len(prompts),
+        },
         "scorer": eval_cfg.scorer.backend,
         "scorer_settings": dataclasses.asdict(eval_cfg.scorer),
         "asr": eval_cfg.asr.backend,
@@ -496,7 +504,7 @@ def run_evaluate(
     if eval_cfg.suite.kind != "quality":
         raise ValueError(f"eval.suite.kind={eval_cfg.suite.kind!r}: use quality or latency")
     if dry_run:
-        prompts = load_suite(eval_cfg.suite.prompts, eval_cfg.suite.limit) if eval_cfg.suite.prompts else []
+        prompts = suite_prompts(eval_cfg.suite, eval_cfg.suite.limit, out_dir / SUITE_MEDIA)
         specs = resolve_models(eval_cfg, gen_cfg)
         for spec in specs:
             if spec.clips_dir:

@@ -1,4 +1,5 @@
-"""Eval suites: jsonl prompt sets under `eval/` (one JSON object a line), validated on load.
+"""Eval suites: jsonl prompt sets under `eval/` (one JSON object a line), validated on load, or a benchmark's own
+files in a local folder (magi_train/eval/benchmarks.py); `suite_prompts` reads either by `eval.suite.format`.
 
 Each line: `{"id": "en_kitchen", "prompt": "...", "image": "img/x.png", "audio": "a/x.wav", "seconds": 5,
 "seed": 42}`; only `id` and `prompt` are required. `image` (i2v) and `audio` (a2v) are resolved relative
@@ -12,10 +13,15 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from magi_train.config import EvalSuiteConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _KEYS = {"id", "prompt", "image", "audio", "seconds", "seed", "tags"}
+SUITE_FORMATS = ("jsonl", "versebench", "talkvid_bench")
 
 
 @dataclass(frozen=True)
@@ -85,3 +91,51 @@ def load_suite(path: str | Path, limit: int | None = None) -> list[SuitePrompt]:
     if not prompts:
         raise ValueError(f"suite {str(path)!r} has no prompts")
     return prompts[:limit] if limit is not None else prompts
+
+
+def resolve_suite_root(root: str | Path) -> Path:
+    """A benchmark folder as given (absolute or relative to the working directory), else relative to the repository
+    (`data/versebench`); as given when neither exists, for the loader to name in its error."""
+    p = Path(root).expanduser()
+    if not p.is_dir() and not p.is_absolute() and (REPO_ROOT / p).is_dir():
+        return REPO_ROOT / p
+    return p
+
+
+def suite_prompts(cfg: EvalSuiteConfig, limit: int | None, media_dir: str | Path) -> list[SuitePrompt]:
+    """The prompts of a quality suite by its `format`, the first `limit` of them (None: all).
+
+    `jsonl` reads `cfg.prompts` (load_suite); `versebench` and `talkvid_bench` read the benchmark folder `cfg.root`
+    (its `cfg.subsets`, default all). `media_dir` receives media a benchmark lacks as files (TalkVid-Bench's
+    reference frames).
+    """
+    if cfg.format not in SUITE_FORMATS:
+        raise ValueError(f"eval.suite.format={cfg.format!r}: use one of {list(SUITE_FORMATS)}")
+    if cfg.format == "jsonl":
+        if not cfg.prompts:
+            raise ValueError(
+                f"suite {cfg.name!r} names no prompts file: set eval.suite.prompts=<file.jsonl>, or "
+                "eval.suite.format=versebench|talkvid_bench with eval.suite.root=<benchmark folder>"
+            )
+        if cfg.root or cfg.subsets:
+            raise ValueError(
+                "eval.suite.root and eval.suite.subsets are for benchmark folders (eval.suite.format=versebench or "
+                f"talkvid_bench); suite {cfg.name!r} is a jsonl suite (eval.suite.prompts={cfg.prompts!r})"
+            )
+        return load_suite(cfg.prompts, limit)
+    if not cfg.root:
+        raise ValueError(
+            f"eval.suite.format={cfg.format} reads a local benchmark folder: set eval.suite.root=<folder> "
+            f"(e.g. suite={cfg.format} eval.suite.root=/data/{cfg.format})"
+        )
+    if cfg.prompts:
+        raise ValueError(
+            f"eval.suite.prompts={cfg.prompts!r} is for jsonl suites; eval.suite.format={cfg.format} reads "
+            "eval.suite.root: drop one of them"
+        )
+    from magi_train.eval import benchmarks  # benchmarks builds SuitePrompts: imported here, not at the top
+
+    root = resolve_suite_root(cfg.root)
+    if cfg.format == "versebench":
+        return benchmarks.load_versebench(root, list(cfg.subsets), limit)
+    return benchmarks.load_talkvid_bench(root, list(cfg.subsets), media_dir, limit)
