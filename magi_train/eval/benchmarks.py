@@ -42,11 +42,13 @@ _NO_AMBIENT = ("no ambient", "none")  # UniVerse-1's sample_universe.py drops an
 class _Item:
     """One benchmark item before its id is made unique and its media resolved."""
 
-    source: str  # `file` or `file: record N`, for messages
+    source: str  # `file` or `file: record N (id ...)`, for messages
     name: str  # the benchmark's own id (file stem or record id)
     group: str  # its set / subset, to tell equal names apart
     prompt: str
-    media: dict[str, Any]
+    image: str | None = None  # reference image file (Verse-Bench)
+    video: Path | None = None  # clip whose first frame is the reference image (TalkVid-Bench)
+    audio: str | None = None  # driving audio (TalkVid-Bench)
 
 
 def safe_id(name: str) -> str:
@@ -202,10 +204,9 @@ def load_versebench(root: str | Path, subsets: list[str], limit: int | None = No
                     f"{where}: reference image {file.stem}.jpg (or .jpeg / .png) not found in {folder}; every "
                     "Verse-Bench item is an image + text prompt"
                 )
-            items.append(_Item(where, file.stem, set_name, prompt, {"image": str(image)}))
+            items.append(_Item(where, file.stem, set_name, prompt, image=str(image)))
     prompts = [
-        SuitePrompt(pid, it.prompt, image=it.media["image"])
-        for pid, it in zip(_unique_ids(items), items, strict=True)
+        SuitePrompt(pid, it.prompt, image=it.image) for pid, it in zip(_unique_ids(items), items, strict=True)
     ]
     return prompts[:limit] if limit is not None else prompts
 
@@ -223,7 +224,7 @@ def _media_name(record: dict[str, Any], key: str) -> str | None:
 
 def _talkvid_media(
     record: dict[str, Any], name: str, folder: Path, muxed: dict[str, Path], where: str
-) -> dict:
+) -> tuple[Path, str]:
     """The clip (for its first frame) and the driving audio of one record, resolved in its subset folder."""
     video_name = _media_name(record, "video-path") or f"{name}.mp4"
     stem = Path(video_name).stem
@@ -242,11 +243,11 @@ def _talkvid_media(
             f"{where}: no audio for clip {stem!r}: expected {folder / 'audios'}/{stem}.wav (or "
             f"{', '.join(AUDIO_SUFFIXES[1:])}) or the muxed {folder / 'videos_w_audios'}/<group>/{video_name}"
         )
-    return {"video": video.resolve(), "audio": str(Path(audio).resolve())}
+    return video.resolve(), str(Path(audio).resolve())
 
 
 def reference_frame(video: Path, out: Path) -> str:
-    """The first frame of `video` as a PNG at `out` (written atomically; kept while newer than the video)."""
+    """The first frame of `video` as a PNG at `out`, written atomically; an `out` not older than the video is kept."""
     from PIL import Image
 
     from magi_train.eval.media import first_frame
@@ -294,9 +295,8 @@ def load_talkvid_bench(
             seen.add(name)
             where = f"{where} (id {name!r})"
             caption = _one_line(_string(record.get("description"), where, "description", required=True))
-            items.append(
-                _Item(where, name, subset, caption, _talkvid_media(record, name, folder, muxed, where))
-            )
+            video, audio = _talkvid_media(record, name, folder, muxed, where)
+            items.append(_Item(where, name, subset, caption, video=video, audio=audio))
     if not items:
         raise ValueError(
             f"TalkVid-Bench at {base}: the record lists of {subsets or list(TALKVID_SUBSETS)} are empty"
@@ -306,7 +306,6 @@ def load_talkvid_bench(
         ids, items = ids[:limit], items[:limit]
     frames = Path(media_dir)
     return [
-        SuitePrompt(pid, it.prompt, image=reference_frame(it.media["video"], frames / f"{pid}.png"),
-                    audio=it.media["audio"])
+        SuitePrompt(pid, it.prompt, image=reference_frame(it.video, frames / f"{pid}.png"), audio=it.audio)
         for pid, it in zip(ids, items, strict=True)
-    ]  # fmt: skip
+    ]

@@ -133,7 +133,8 @@ def suite_prompts(cfg: EvalSuiteConfig, limit: int | None, media_dir: str | Path
             f"eval.suite.prompts={cfg.prompts!r} is for jsonl suites; eval.suite.format={cfg.format} reads "
             "eval.suite.root: drop one of them"
         )
-    from magi_train.eval import benchmarks  # benchmarks builds SuitePrompts: imported here, not at the top
+    # benchmarks imports SuitePrompt from this module: importing it at the top would be circular
+    from magi_train.eval import benchmarks
 
     root = resolve_suite_root(cfg.root)
     if cfg.format == "versebench":

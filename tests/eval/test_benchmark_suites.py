@@ -3,6 +3,7 @@ layouts (docs/eval.md "Benchmark suites") become prompts with their media and di
 error naming the file and field; `eval.suite.format` is validated; recipe=evaluate runs a benchmark suite."""
 
 import json
+import os
 import wave
 from pathlib import Path
 
@@ -233,10 +234,7 @@ def test_talkvid_bench_prompts_media_and_reference_frames(tmp_path):
     stamp = (media / "clip-a.png").stat().st_mtime_ns
     load_talkvid_bench(bench, SUBSETS, media)
     assert (media / "clip-a.png").stat().st_mtime_ns == stamp
-    video = bench / "age/videos/clip-a.mp4"
-    import os
-
-    os.utime(video, ns=(stamp + 10**9, stamp + 10**9))
+    os.utime(bench / "age/videos/clip-a.mp4", ns=(stamp + 10**9, stamp + 10**9))
     load_talkvid_bench(bench, SUBSETS, media)
     assert (media / "clip-a.png").stat().st_mtime_ns > stamp
     # the limit applies before frames are written
