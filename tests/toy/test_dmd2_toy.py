@@ -116,3 +116,22 @@ def test_the_toy_runs_the_library_functions(monkeypatch):
     assert calls["critic_loss"] == calls["simulate_to_step"] == calls["sample_step_index"] == 10
     assert calls["sample_score_sigma"] == 12  # an independent draw for every critic step and DMD step
     assert calls["sample_gan_sigma"] == 12 and calls["diffusion_gan_inputs"] == 10
+
+
+def test_study_knobs():
+    """The study command trains the student it scores (its step count and shift), and the lr decay ends where
+    it says."""
+    from magi_train.tools.toy.__main__ import _config
+    from magi_train.tools.toy.distill import _cosine
+
+    cfg = _config("student 5x iterations", None, 100, 0, steps=4, shift=1.0)
+    assert (cfg.iters, cfg.num_steps, cfg.student_shift) == (500, 4, 1.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = _cosine(opt, 10, 0.05)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step(), sched.step()
+    assert lrs[0] == 2.0 and abs(lrs[5] - 2.0 * (0.05 + 0.95 * 0.5)) < 1e-12 and lrs[10] == lrs[11] == 0.1
+    with pytest.raises(ValueError, match="lr_final"):
+        DistillConfig(lr_final=0.0)

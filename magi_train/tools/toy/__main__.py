@@ -35,6 +35,10 @@ VARIANTS = {
     "student + GAN (DMD2)": {"gan_generator_weight": 5e-2, "gan_critic_weight": 1e-1},
     "student, score shift 1": {"score_shift": 1.0},
     "student, score sigma <= 0.8": {"score_high": 0.8},
+    "student, score shift 1, TTUR 1": {"score_shift": 1.0, "ttur": 1},
+    "student, TTUR 1": {"ttur": 1},
+    "student, lr cosine to 0.05": {"lr_final": 0.05},
+    "student 5x iterations": {"iters": 5},  # multiplier
     "control: sign of g flipped": {"flip_sign": True},
     "control: frozen critic": {"train_critic": False},
     "control: critic x0 target": {"critic_target": "x0"},
@@ -44,11 +48,12 @@ VARIANTS = {
 KEYS = ("fails", "mode_tv", "std_ratio_video", "std_ratio_audio", "joint_ratio", "mmd2_joint", "sw1_joint")
 
 
-def _config(name: str, guidance, iters: int, seed: int) -> DistillConfig:
+def _config(name: str, guidance, iters: int, seed: int, steps: int = 8, shift: float = 5.0) -> DistillConfig:
     over = dict(VARIANTS[name])
     if "iters" in over:
         over["iters"] = over["iters"] * iters
-    return replace(DistillConfig(iters=iters, guidance=guidance, seed=seed), **over)
+    base = DistillConfig(iters=iters, guidance=guidance, seed=seed, num_steps=steps, student_shift=shift)
+    return replace(base, **over)
 
 
 def _fmt(values: list[float]) -> str:
@@ -102,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--guidance", nargs="+", default=["w1", "w3", "prod"], choices=sorted(GUIDANCE))
     parser.add_argument("--runs", nargs="+", default=["student"], choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=8, help="student (and baseline) steps; shift 5")
+    parser.add_argument("--steps", type=int, default=8, help="student (and baseline) steps")
+    parser.add_argument("--shift", type=float, default=5.0, help="shift of the student's (and baseline's) steps")
     parser.add_argument("--iters", type=int, default=DistillConfig.iters)
     parser.add_argument("--teacher-steps", type=int, default=TeacherConfig.steps)
     parser.add_argument("--num-eval", type=int, default=3000)
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
             for g_name in args.guidance:
                 guidance = GUIDANCE[g_name]
                 bench = make_bench(
-                    spec, teacher, guidance, args.steps, num_eval=args.num_eval, seed=100 + seed
+                    spec, teacher, guidance, args.steps, args.shift, num_eval=args.num_eval, seed=100 + seed
                 )
                 for name, row in bench.rows.items():
                     fails = (
@@ -134,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if seed == args.seeds[0]:
                     samples[f"{spec_name} {g_name}: reference ODE"] = bench.reference
                 for name in args.runs:
-                    cfg = _config(name, guidance, args.iters, seed)
+                    cfg = _config(name, guidance, args.iters, seed, args.steps, args.shift)
                     t1 = time.perf_counter()
                     student, _ = distill(teacher, spec, cfg)
                     stats = score(bench, student)
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
                         gen = torch.Generator().manual_seed(0)
                         noise = toy_noise(spec, args.num_eval, gen)
                         samples[f"{spec_name} {g_name}: {name}"] = renoise_sample(
-                            student, noise, bench.labels, args.steps, 5.0, gen
+                            student, noise, bench.labels, args.steps, args.shift, gen
                         )
     table = format_table(results)
     print(table)

@@ -184,6 +184,9 @@ class DistillConfig:
     score_method: str = "clamp"  # clamp | truncate (dmd.sample_score_sigma)
     critic_shift: float | None = None  # shift of the critic's noise levels; None = score_shift
     critic_warmup: int = 0  # critic-only iterations before the first student update
+    # cosine decay of both learning rates to this fraction of their value over the run (1 = constant, as
+    # Self-Forcing / DMD2 run); a convergence knob of the study
+    lr_final: float = 1.0
     ema: float = 0.0  # decay of an EMA of the student over generator updates (0 = off); returned if on
     # GAN term (DMD2): a linear head on the critic's last hidden layer, real data vs student x0, both noised at the
     # same s ~ U[0, gan_sigma_max); weights as DMD2 SDXL (gen 5e-3, guidance_cls 1e-2). 0 = off
@@ -202,6 +205,8 @@ class DistillConfig:
         for name in ("num_steps", "ttur", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DistillConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.lr_final <= 1.0:
+            raise ValueError(f"DistillConfig.lr_final is a fraction in (0, 1], got {self.lr_final}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"DistillConfig.ema is a decay in [0, 1), got {self.ema}")
         if self.iters < 0 or self.critic_warmup < 0:
@@ -214,6 +219,13 @@ class DistillConfig:
     @property
     def gan(self) -> bool:
         return self.gan_generator_weight > 0 or self.gan_critic_weight > 0
+
+
+def _cosine(opt: torch.optim.Optimizer, steps: int, final: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr x (final + (1 - final) (1 + cos(pi i / steps)) / 2) at update i."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
+    )
 
 
 def _x0_critic_loss(
@@ -247,6 +259,8 @@ def distill(
     )
     critic_params = list(critic.parameters()) + (list(head.parameters()) if head is not None else [])
     opt_c = torch.optim.AdamW(critic_params, cfg.lr_critic, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched_g = _cosine(opt_g, max(1, -(-cfg.iters // cfg.ttur)), cfg.lr_final)
+    sched_c = _cosine(opt_c, cfg.iters + cfg.critic_warmup, cfg.lr_final)
     ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema else None
     sigmas = dmd.student_sigmas(cfg.num_steps, cfg.student_shift)
     score = dict(low=cfg.score_low, high=cfg.score_high, generator=gen, method=cfg.score_method)
@@ -295,6 +309,7 @@ def distill(
             loss.backward()
             nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)
             opt_g.step()
+            sched_g.step()
             if ema is not None:
                 ema.update_parameters(student)
             history["dmd"].append(out.loss.item())
@@ -321,6 +336,7 @@ def distill(
         c_loss.backward()
         nn.utils.clip_grad_norm_(critic_params, cfg.clip)
         opt_c.step()
+        sched_c.step()
         history["critic"].append(c_loss.item())
         if log_every and it % log_every == 0:
             last_dmd = history["dmd"][-1] if history["dmd"] else float("nan")
