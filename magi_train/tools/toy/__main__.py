@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", nargs="+", default=["student"], choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=8, help="student (and baseline) steps")
-    parser.add_argument("--shift", type=float, default=5.0, help="shift of the student's (and baseline's) steps")
+    parser.add_argument(
+        "--shift", type=float, default=5.0, help="shift of the student's (and baseline's) steps"
+    )
     parser.add_argument("--iters", type=int, default=DistillConfig.iters)
     parser.add_argument("--teacher-steps", type=int, default=TeacherConfig.steps)
     parser.add_argument("--num-eval", type=int, default=3000)
