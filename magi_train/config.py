@@ -265,6 +265,9 @@ class DistillConfig:
     batch_cfg: bool = True
     negative_text: str = "null"  # uncond features: null (one zero token) or a .npy [L, D], as flow.null_text
     normalizer: str = "per_sample"  # per_sample (DMD2) | batch (FastVideo) | none
+    # what the critic learns: step (the x0 of this iteration's step k: DMD2, Self-Forcing) | final (the finished
+    # sample of the same chain, K - 1 - k more student forwards; the toy's study, docs/dmd2_toy.md)
+    critic_samples: str = "step"
     audio_weight: float = 1.0  # weight of the audio DMD term (per-modality means)
     mode_probs: dict[str, float] = field(default_factory=lambda: {"t2v": 0.8, "i2v": 0.1, "a2v": 0.1})
     gan: bool = False  # DMD2 GAN term: a head on the critic's features, real latents from the shards

@@ -218,6 +218,37 @@ def simulate_to_step(
     return renoise_chain(predict, detach(noise), sigmas, 0, k, generator)
 
 
+@torch.no_grad()
+def finish_from_step(
+    student: ScoreModel,
+    x0_k: Batch,
+    k: int,
+    sigmas: Tensor,
+    cond: Any,
+    generator: torch.Generator | None = None,
+) -> Batch:
+    """The finished sample of the chain whose step k predicted `x0_k`: re-noise it to s_{k+1} and run the
+    student's steps k+1..K-1 without grad (the same `renoise_chain` hops, fresh noise); x0_k itself when k is
+    the last step.
+
+    What the critic learns with `critic_samples="final"`: the student's output distribution only. With the
+    step's own x0 (DMD2, Self-Forcing) the critic, which is not told k, learns the mixture over steps of the
+    student's x0, whose early steps lie far from the data; on the toy that mixture biases the DMD direction of
+    every step (docs/dmd2_toy.md, "Convergence or bias?").
+    """
+    n, device = num_samples(x0_k), _device(x0_k)
+    first = True
+
+    def predict(x: Batch, s: Tensor) -> Batch:
+        nonlocal first
+        if first:  # step k's x0 is given: the chain's first hop re-noises it
+            first = False
+            return detach(x0_k)
+        return predict_x0(student, x, _full_sigma(s, n, device), cond)
+
+    return renoise_chain(predict, detach(x0_k), sigmas, k, len(sigmas) - 1, generator)
+
+
 def student_x0(student: ScoreModel, x: Batch, sigma: Tensor | float, cond: Any) -> Batch:
     """The student's x0 at one step of its list (run this one with grad: it is x_g of the DMD loss)."""
     return predict_x0(student, x, _full_sigma(sigma, num_samples(x), _device(x)), cond)

@@ -428,6 +428,15 @@ class DMD2Task(L.LightningModule):
             logs["gan_generator_loss"] = gan.detach()
         return loss, x_g, logs
 
+    def critic_samples(
+        self, x_g: dmd.Batch, k: int, cond: DiTCondition, generator: torch.Generator
+    ) -> dmd.Batch:
+        """What the critic learns this iteration: step k's x0 (`distill.critic_samples=step`), or the finished
+        sample of the same chain (`final`: dmd.finish_from_step, no grad)."""
+        if self.cfg.critic_samples == "step":
+            return x_g
+        return dmd.finish_from_step(self.student_score, x_g, k, self.student_sigmas, cond, generator)
+
     def critic_objective(
         self, x_g: dmd.Batch, real: dmd.Batch, cond: DiTCondition, generator: torch.Generator
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -496,7 +505,9 @@ class DMD2Task(L.LightningModule):
             with torch.no_grad():
                 x_g = dmd.student_x0(self.student_score, x_k, self.student_sigmas[k], cond)
 
-        loss_c, logs_c = self.critic_objective(x_g, real, cond, noise_gen)
+        loss_c, logs_c = self.critic_objective(
+            self.critic_samples(x_g, k, cond, noise_gen), real, cond, noise_gen
+        )
         self.guards["critic"].observe(loss_c)
         self.manual_backward(loss_c / acc)
         if last:
@@ -736,6 +747,8 @@ def validate_distill(cfg: DistillConfig) -> None:
             f"distill.generator_every={cfg.generator_every} and distill.num_student_steps="
             f"{cfg.num_student_steps} must be >= 1"
         )
+    if cfg.critic_samples not in ("step", "final"):
+        raise ValueError(f"distill.critic_samples={cfg.critic_samples!r}: use step or final")
     if not 0 < cfg.sample_sigma <= 1:
         raise ValueError(f"distill.sample_sigma={cfg.sample_sigma}: a noise level in (0, 1]")
     if not 0 <= cfg.ema.decay < 1:

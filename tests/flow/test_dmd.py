@@ -326,6 +326,25 @@ def test_simulate_to_step_runs_the_re_noising_chain():
         dmd.simulate_to_step(model, noise, 5, sigmas, None)
 
 
+def test_finish_from_step_continues_the_same_chain():
+    """critic_samples=final: step k's x0 finished by the remaining steps is the whole chain's sample (same noise
+    stream); the last step's x0 is already finished; the student's steps after k run, those before do not."""
+    model, labels = LinearScore(), torch.tensor([0, 1, 2, 1])
+    sigmas, noise = dmd.student_sigmas(4, 5.0), _batch(seed=3)
+    whole = dmd.simulate_to_step(model, noise, 4, sigmas, labels, torch.Generator().manual_seed(7))
+    for k in range(4):
+        gen = torch.Generator().manual_seed(7)
+        x_k = dmd.simulate_to_step(model, noise, k, sigmas, labels, gen)
+        x0_k = dmd.detach(dmd.student_x0(model, x_k, sigmas[k], labels))
+        model.calls.clear()
+        done = dmd.finish_from_step(model, x0_k, k, sigmas, labels, gen)
+        assert len(model.calls) == 3 - k
+        for a, b in zip(done, whole, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        if k < 3:  # control: an unfinished x0 is not the sample
+            assert max(float((a - b).abs().max()) for a, b in zip(x0_k, whole, strict=True)) > 1e-3
+
+
 def test_simulate_to_the_end_is_the_distilled_sampler():
     """Backward simulation and the released sampler are one chain: same noise stream, same sample."""
     gen = torch.Generator().manual_seed(0)

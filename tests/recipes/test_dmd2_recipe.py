@@ -211,6 +211,30 @@ def test_each_phase_reaches_only_its_role_and_all_roles_see_the_same_conditionin
     assert all(x.shape[0] == 1 and not x.any() for x in seen["teacher"][1][2])
 
 
+def test_critic_samples_final_is_the_finished_chain():
+    """distill.critic_samples=final: the critic learns the student's finished sample of the chain step k belongs
+    to (dmd.finish_from_step), not step k's x0; `step` (the default, DMD2) passes step k's x0 through."""
+    video, audio, text = _clips()
+    cond = DiTCondition(text, [None] * 3, [None] * 3)
+    task = _task(critic_samples="final")
+    sigmas, k = task.student_sigmas, 5
+    noise = dmd.randn_like_batch([video, audio], torch.Generator().manual_seed(1))
+    whole = dmd.simulate_to_step(
+        task.student_score, noise, len(sigmas) - 1, sigmas, cond, torch.Generator().manual_seed(2)
+    )
+    gen = torch.Generator().manual_seed(2)
+    x_k = dmd.simulate_to_step(task.student_score, noise, k, sigmas, cond, gen)
+    x_g = dmd.student_x0(task.student_score, x_k, sigmas[k], cond)
+    final = task.critic_samples(x_g, k, cond, gen)
+    for got, want, step in zip(final, whole, x_g, strict=True):
+        for a, b, c in zip(got, want, step, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            assert (a - c).abs().max() > 1e-4  # step k's x0 is not the finished sample
+    assert _task().critic_samples(x_g, k, cond, gen) is x_g
+    with pytest.raises(ValueError, match="critic_samples"):
+        _task(critic_samples="last")
+
+
 def test_batched_teacher_guidance_equals_two_forwards():
     """distill.batch_cfg: the teacher's conditional and unconditional branches as 2N clips of one packed forward
     give the guided x0 of two forwards (with i2v / a2v conditions pinned)."""

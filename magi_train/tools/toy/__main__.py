@@ -39,6 +39,13 @@ VARIANTS = {
     "student, TTUR 1": {"ttur": 1},
     "student, lr cosine to 0.05": {"lr_final": 0.05},
     "student 5x iterations": {"iters": 5},  # multiplier
+    "student, critic on the finished sample": {"critic_samples": "final"},
+    "student, critic on the finished sample, 3x iterations": {"critic_samples": "final", "iters": 3},
+    "student, critic on the finished sample + GAN": {
+        "critic_samples": "final",
+        "gan_generator_weight": 5e-2,
+        "gan_critic_weight": 1e-1,
+    },
     "control: sign of g flipped": {"flip_sign": True},
     "control: frozen critic": {"train_critic": False},
     "control: critic x0 target": {"critic_target": "x0"},

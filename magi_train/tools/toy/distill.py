@@ -199,6 +199,9 @@ class DistillConfig:
     critic_target: str = "velocity"  # "x0": the critic regresses x0 instead of the velocity
     fake_guidance: bool = False  # apply the real score's CFG to the fake score too
     backward_simulation: bool = True  # False: the student is trained only at step 0, from pure noise
+    # what the critic learns: "step" = the x0 of this iteration's step k (DMD2, Self-Forcing: the mixture over
+    # steps), "final" = the finished sample of the same chain (dmd.finish_from_step)
+    critic_samples: str = "step"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -211,6 +214,10 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.ema is a decay in [0, 1), got {self.ema}")
         if self.iters < 0 or self.critic_warmup < 0:
             raise ValueError(f"DistillConfig.iters / critic_warmup must be >= 0, got {self.iters}")
+        if self.critic_samples not in ("step", "final"):
+            raise ValueError(
+                f"DistillConfig.critic_samples must be 'step' or 'final', got {self.critic_samples!r}"
+            )
         if self.critic_target not in ("velocity", "x0"):
             raise ValueError(
                 f"DistillConfig.critic_target must be 'velocity' or 'x0', got {self.critic_target!r}"
@@ -320,6 +327,8 @@ def distill(
                 x_fake = dmd.student_x0(student, x_k, sigmas[k], labels)
         if not cfg.train_critic:
             continue
+        if cfg.critic_samples == "final":
+            x_fake = dmd.finish_from_step(student, x_fake, k, sigmas, labels, gen)
         s_critic = dmd.sample_score_sigma(cfg.batch, shift=critic_shift, **score)
         if cfg.critic_target == "x0":
             c_loss = _x0_critic_loss(critic, x_fake, s_critic, labels, gen)
