@@ -129,6 +129,9 @@ def test_validation_writes_side_by_side_mp4_with_stereo_and_logs_it(
 
     assert [(k, v, s) for k, v, s, _ in logged] == [("samples/video0", [str(mp4)], 2)]
     assert logged[0][3] == {"caption": [CAPTION], "format": ["mp4"]}
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    roots = {k.split(".")[0] for key in ("state_dict", "current_model_state") for k in ckpt.get(key, {})}
+    assert roots == {"teacher", "critic", "student"}, roots  # the decoders are in no checkpoint
     media = list((run_dir / "wandb").glob("offline-run-*/files/media/videos/**/*.mp4"))
     assert len(media) == 1 and media[0].read_bytes() == mp4.read_bytes()  # wandb.Video from the file
 
