@@ -122,7 +122,8 @@ def run(cfg: DictConfig) -> Any:
         distill = narrow(cfg.distill, DistillConfig)
         if not cfg.dry_run:
             ensure_teacher(distill.teacher)
-        return run_distill(ctx, nodes, model, data, distill, callbacks=callbacks, lora=lora)
+        codecs = narrow(cfg.generate, GenerateConfig)  # its decoders turn validation samples into mp4s
+        return run_distill(ctx, nodes, model, data, distill, callbacks=callbacks, lora=lora, codecs=codecs)
     sr = narrow(cfg.sr, SRConfig) if cfg.task == "pretrain_sr" else None
     return run_pretrain(
         ctx, nodes, model, data, narrow(cfg.flow, FlowConfig), narrow(cfg.optim, OptimConfig),

@@ -279,6 +279,9 @@ class DistillConfig:
     save_teacher: bool = True  # False: checkpoints omit the frozen teacher, re-loaded from its path on resume
     sample_clips: int = 2  # validation clips whose latents and x0 panels are saved per validation
     sample_sigma: float = 0.5  # noise level at which teacher and critic x0 of the samples are shown
+    # validation clips decoded into [student | teacher] mp4s with sound (docs/dmd2.md "Validation videos") when the
+    # generate.* codecs name a video decoder and an audio VAE; 0 = none
+    sample_videos: int = 2
 
 
 @dataclass

@@ -251,32 +251,73 @@ def _codec_path(cfg: GenerateConfig, name: str, what: str) -> str:
     )
 
 
+WAN_VAE = "a diffusers AutoencoderKLWan (Wan2.2 VAE)"
+OOBLECK_VAE = "a diffusers AutoencoderOobleck (Stable Audio Open VAE)"
+
+
+def _write_tiny_codecs(cfg: GenerateConfig) -> None:
+    """With `tiny_codecs`, random tiny codecs are written into `codecs_dir` (kept once complete)."""
+    if not cfg.tiny_codecs:
+        return
+    if not cfg.codecs_dir:
+        raise ValueError("generate.tiny_codecs=true needs generate.codecs_dir to write them into")
+    from magi_train.codecs.tiny import write_tiny_codecs
+
+    log.warning("writing random tiny codecs into %s: the output is noise (smoke run)", cfg.codecs_dir)
+    write_tiny_codecs(cfg.codecs_dir)
+
+
+def _video_codec_dtype(autocast_dtype: torch.dtype | None) -> torch.dtype:
+    # the release runs the Wan2.2 VAE and the TurboVAED in the DiT's dtype (bf16 on GPU)
+    return torch.bfloat16 if autocast_dtype is torch.bfloat16 else torch.float32
+
+
+def _load_turbo(cfg: GenerateConfig, dtype: torch.dtype, device: torch.device) -> TurboVAE | None:
+    if not cfg.turbo_vae:
+        return None
+    return TurboVAE.from_pretrained(cfg.turbo_vae, dtype, device, what="generate.turbo_vae")
+
+
 def load_codecs(
     cfg: GenerateConfig, device: torch.device, autocast_dtype: torch.dtype | None
 ) -> tuple[VideoVAE, AudioVAE, str | None, TurboVAE | None]:
     """(video VAE, audio VAE, text encoder directory or None, TurboVAED decoder or None) named by `cfg`; with
     `tiny_codecs`, random tiny codecs are written into `codecs_dir` first. The text encoder is loaded later, only
     when needed. The Wan2.2 VAE is always loaded: it encodes i2v images and is the decoder without a TurboVAED."""
-    video_path = _codec_path(cfg, "video_vae", "a diffusers AutoencoderKLWan (Wan2.2 VAE)")
-    audio_path = _codec_path(cfg, "audio_vae", "a diffusers AutoencoderOobleck (Stable Audio Open VAE)")
-    if cfg.tiny_codecs:
-        if not cfg.codecs_dir:
-            raise ValueError("generate.tiny_codecs=true needs generate.codecs_dir to write them into")
-        from magi_train.codecs.tiny import write_tiny_codecs
-
-        log.warning("writing random tiny codecs into %s: the output is noise (smoke run)", cfg.codecs_dir)
-        write_tiny_codecs(cfg.codecs_dir)
-    video_vae_dtype = torch.bfloat16 if autocast_dtype is torch.bfloat16 else torch.float32
-    video_vae = VideoVAE.from_pretrained(video_path, video_vae_dtype, device)
+    video_path = _codec_path(cfg, "video_vae", WAN_VAE)
+    audio_path = _codec_path(cfg, "audio_vae", OOBLECK_VAE)
+    _write_tiny_codecs(cfg)
+    dtype = _video_codec_dtype(autocast_dtype)
+    video_vae = VideoVAE.from_pretrained(video_path, dtype, device)
     audio_vae = AudioVAE.from_pretrained(audio_path, device=device)
     text_path = cfg.text_encoder or (str(Path(cfg.codecs_dir) / "text_encoder") if cfg.codecs_dir else None)
-    # the release runs the TurboVAED in the DiT's dtype (bf16 on GPU)
-    turbo = (
-        TurboVAE.from_pretrained(cfg.turbo_vae, video_vae_dtype, device, what="generate.turbo_vae")
-        if cfg.turbo_vae
-        else None
-    )
-    return video_vae, audio_vae, text_path, turbo
+    return video_vae, audio_vae, text_path, _load_turbo(cfg, dtype, device)
+
+
+def decoders_named(cfg: GenerateConfig) -> bool:
+    """Whether `cfg` names a video decoder (`turbo_vae`, `video_vae` or `codecs_dir`) and an audio VAE
+    (`audio_vae` or `codecs_dir`): what `load_decoders` needs."""
+    return bool(cfg.turbo_vae or cfg.video_vae or cfg.codecs_dir) and bool(cfg.audio_vae or cfg.codecs_dir)
+
+
+def decoder_paths(cfg: GenerateConfig) -> tuple[str, str]:
+    """(video decoder directory, audio VAE directory) of `load_decoders`: the TurboVAED when `turbo_vae` is set,
+    else the Wan2.2 VAE, as `Pipeline.decoder` chooses."""
+    video = cfg.turbo_vae or _codec_path(cfg, "video_vae", WAN_VAE)
+    return video, _codec_path(cfg, "audio_vae", OOBLECK_VAE)
+
+
+def load_decoders(
+    cfg: GenerateConfig, device: torch.device, autocast_dtype: torch.dtype | None
+) -> tuple[VideoVAE | TurboVAE, AudioVAE]:
+    """(video decoder, audio VAE) as recipe=generate decodes with them (`Pipeline.decoder`: the TurboVAED when
+    `turbo_vae` is set, else the Wan2.2 VAE), frozen in eval mode; nothing else is loaded (training-time samples:
+    no text encoder, no Wan2.2 VAE beside a TurboVAED)."""
+    video_path, audio_path = decoder_paths(cfg)
+    _write_tiny_codecs(cfg)
+    dtype = _video_codec_dtype(autocast_dtype)
+    decoder = _load_turbo(cfg, dtype, device) or VideoVAE.from_pretrained(video_path, dtype, device)
+    return decoder, AudioVAE.from_pretrained(audio_path, device=device)
 
 
 @dataclass
@@ -558,6 +599,23 @@ def _to_uint8(pixels: Tensor) -> np.ndarray:
     return video.permute(1, 2, 3, 0).cpu().numpy()
 
 
+@torch.no_grad()
+def decode_clip(
+    decoder: VideoVAE | TurboVAE, audio_vae: AudioVAE, video: Tensor, audio: Tensor, frames: int
+) -> tuple[np.ndarray, Tensor]:
+    """Latents of one clip -> (uint8 frames `[F, H, W, 3]`, stereo wave `[2, S]` at 44.1 kHz on the CPU), ready
+    for `write_audio_video_mp4` at 25 fps. The video latent `[48, T, h, w]` decodes into 4(T - 1) + 1 frames, the
+    last repeated up to `frames` (module docstring); the audio latent `[A, 64]` decodes at 51.2 kHz, resampled."""
+    pixels = decoder.decode(video[None].float())[0]
+    decoded = pixels.shape[1]
+    assert decoded == pixel_frames(video.shape[1]), (decoded, video.shape)
+    rgb = _to_uint8(pixels)
+    if decoded < frames:
+        rgb = np.concatenate([rgb, np.repeat(rgb[-1:], frames - decoded, axis=0)])
+    wave = to_output_rate(audio_vae.decode(audio[None].float())[0]).cpu()
+    return rgb, wave
+
+
 @dataclass(frozen=True)
 class BaseSampler:
     """The base stage's sampler, its settings and where each came from (recorded in the output JSON)."""
@@ -730,13 +788,8 @@ def generate(cfg: GenerateConfig, pipeline: Pipeline | None = None) -> GenerateR
         }
 
     with timer("decode"):
-        pixels = pipe.decoder.decode(video[None].float())[0]
-        decoded = pixels.shape[1]
-        assert decoded == pixel_frames(num_latent), (decoded, num_latent)
-        rgb = _to_uint8(pixels)
-        if decoded < frames:  # see the module docstring: repeat the last frame up to seconds*25+1
-            rgb = np.concatenate([rgb, np.repeat(rgb[-1:], frames - decoded, axis=0)])
-        wave = to_output_rate(pipe.audio_vae.decode(audio[None].float())[0]).cpu()
+        rgb, wave = decode_clip(pipe.decoder, pipe.audio_vae, video, audio, frames)
+    decoded = pixel_frames(num_latent)
 
     out = Path(cfg.output)
     with timer("mux"):

@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 
-from magi_train.config import DistillConfig, RoleConfig
+from magi_train.config import DistillConfig, GenerateConfig, RoleConfig
 from magi_train.data.reader import ClipBatch
 from magi_train.flow import dmd
 from magi_train.flow.dmd_metrics import distill_metrics
@@ -37,6 +37,7 @@ from magi_train.tasks.ema import EMA_KEY, ShardedEMA
 from magi_train.tasks.guard import NonFiniteGuard, check_checkpoint_finite, grad_norm
 from magi_train.tasks.optim import build_optimizer
 from magi_train.tasks.pretrain import load_null_text
+from magi_train.tasks.sample_videos import validation_videos
 from magi_train.tasks.sharding import (
     RoleSetup,
     data_rank,
@@ -226,12 +227,15 @@ class DMD2Task(L.LightningModule):
         setups: dict[str, RoleSetup] | None = None,
         sharded_ema: tuple[float, int] | None = None,
         base: DiT | None = None,
+        codecs: GenerateConfig | None = None,
     ):
         """setups: how configure_model makes each role (teacher, critic, student) ready; under strategy=fsdp2 the
         roles arrive on the meta device and are filled from their sources there. sharded_ema: (decay, start_step)
         of the student EMA kept on the local shards under fsdp2 (other strategies use the StudentEMA callback).
         base: a shared LoRA base with adapters `critic` and `student` (models/lora.py); teacher, critic and student
-        are then its AdapterRoles. With LoRA (shared or not) checkpoints hold the adapters (and GAN head) only."""
+        are then its AdapterRoles. With LoRA (shared or not) checkpoints hold the adapters (and GAN head) only.
+        codecs: the run's generate.* node; when it names a video decoder and an audio VAE, validation writes
+        [student | teacher] mp4s of `cfg.sample_videos` clips (tasks/sample_videos.py)."""
         super().__init__()
         if base is not None:
             self.base = base
@@ -248,6 +252,7 @@ class DMD2Task(L.LightningModule):
         self.critic, self.student = critic, student
         self.cfg, self.seed, self.accumulate = cfg, seed, accumulate
         self.sample_dir = Path(sample_dir) if sample_dir else None
+        self.videos = validation_videos(codecs, cfg.sample_videos)  # not a module: outside checkpoints
         self.register_buffer("null_text", load_null_text(cfg.negative_text, text_dim), persistent=False)
         sigmas = dmd.student_sigmas(cfg.num_student_steps, cfg.shift)
         self.register_buffer("student_sigmas", sigmas, persistent=False)
@@ -622,7 +627,7 @@ class DMD2Task(L.LightningModule):
         for key, value in distill_metrics(x_g, teacher, judge, c.sample_sigma, gen).items():
             self.log(f"val/{key}", value, batch_size=n, sync_dist=True)
         if batch_idx == 0 and self.sample_dir is not None and self.trainer.is_global_zero:
-            self.save_samples(batch, x_g, x0_real, x0_fake)
+            self.save_samples(batch, x_g, x0_real, x0_fake, teacher)
 
     @torch.no_grad()
     def teacher_samples(
@@ -660,8 +665,11 @@ class DMD2Task(L.LightningModule):
             cache[key] = [list(video), list(audio)]
         return cache[key]
 
-    def save_samples(self, batch: ClipBatch, x_g: dmd.Batch, x0_real: dmd.Batch, x0_fake: dmd.Batch) -> None:
-        """Latents (safetensors) and a panel image [student sample | teacher x0 | critic x0] of a few clips."""
+    def save_samples(
+        self, batch: ClipBatch, x_g: dmd.Batch, x0_real: dmd.Batch, x0_fake: dmd.Batch, teacher: dmd.Batch
+    ) -> None:
+        """Latents (safetensors) and a panel image [student sample | teacher x0 | critic x0] of a few clips; with
+        codecs, decoded mp4s [student sample | teacher sample] of the first `sample_videos` clips (rank 0 only)."""
         from PIL import Image
 
         out = self.sample_dir / f"step{self.global_step:08d}"
@@ -680,6 +688,8 @@ class DMD2Task(L.LightningModule):
                 if isinstance(logger, WandbLogger):
                     caption = "student sample | teacher x0 | critic x0 (video mid frame ch 0-2; audio)"
                     logger.log_image(f"samples/clip{i}", [panel], step=self.global_step, caption=[caption])
+        if self.videos is not None:
+            self.videos.write(out, x_g, teacher, self.device, self.loggers, self.global_step)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
 
@@ -749,6 +759,11 @@ def validate_distill(cfg: DistillConfig) -> None:
         )
     if cfg.critic_samples not in ("step", "final"):
         raise ValueError(f"distill.critic_samples={cfg.critic_samples!r}: use step or final")
+    for name in ("sample_clips", "sample_videos"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(
+                f"distill.{name}={getattr(cfg, name)}: a number of validation clips, >= 0 (0: none)"
+            )
     if not 0 < cfg.sample_sigma <= 1:
         raise ValueError(f"distill.sample_sigma={cfg.sample_sigma}: a noise level in (0, 1]")
     if not 0 <= cfg.ema.decay < 1:

@@ -23,6 +23,7 @@ from magi_train.config import (
     DistillConfig,
     EMAConfig,
     FlowConfig,
+    GenerateConfig,
     LoggerConfig,
     OptimConfig,
     SRConfig,
@@ -375,9 +376,11 @@ def run_distill(
     callbacks: list[Callback] | None = None,
     datamodule: L.LightningDataModule | None = None,
     lora: LoRAConfig | None = None,
+    codecs: GenerateConfig | None = None,
 ) -> dict[str, Any]:
     """DMD-2 distillation of a pretrained DiT into a few-step CFG-free student (task dmd2). lora: critic and student
     are the teacher plus their own adapters (models/lora.py), on one shared frozen base if lora.shared_base.
+    codecs: the generate.* node, whose decoders (when named) turn validation samples into mp4s (docs/dmd2.md).
 
     Manual optimisation: clipping, accumulation and the student's EMA are the task's and StudentEMA's, so the
     Trainer gets none of them (optim.* and ema.* of the root are not used).
@@ -454,7 +457,7 @@ def run_distill(
         teacher, critic, student, distill, text_dim=data.text_dim, seed=ctx.seed, accumulate=accumulate,
         sample_dir=str(ctx.run_dir / "samples"), max_nonfinite_steps=nodes.trainer.max_nonfinite_steps,
         setups=setups, sharded_ema=(distill.ema.decay, distill.ema.start_step) if on_meta and distill.ema.decay > 0
-        else None, base=base,
+        else None, base=base, codecs=codecs,
     )  # fmt: skip
     ema = distill.ema
     if on_meta and ema.on_cpu and ema.decay > 0:
