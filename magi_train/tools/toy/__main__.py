@@ -41,6 +41,12 @@ VARIANTS = {
     "student 5x iterations": {"iters": 5},  # multiplier
     "student, critic on the finished sample": {"critic_samples": "final"},
     "student, critic on the finished sample, 3x iterations": {"critic_samples": "final", "iters": 3},
+    "student, critic on the finished sample + GAN 1, 2x iterations": {
+        "critic_samples": "final",
+        "gan_generator_weight": 1.0,
+        "gan_critic_weight": 1.0,
+        "iters": 2,
+    },
     "student, critic on the finished sample + GAN": {
         "critic_samples": "final",
         "gan_generator_weight": 5e-2,
