@@ -37,6 +37,13 @@ def resolve_backend(backend: str, q: Tensor) -> str:
     return "sdpa"
 
 
+def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """[n, Hq, d] x [m, Hkv, d] -> [n, Hq, d], non-causal, GQA."""
+    qi, ki, vi = (t.transpose(0, 1)[None] for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qi, ki, vi, enable_gqa=qi.shape[1] != ki.shape[1])
+    return out[0].transpose(0, 1)
+
+
 def varlen_attention(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, backend: str = "auto"
 ) -> Tensor:
@@ -50,12 +57,7 @@ def varlen_attention(
     # One SDPA call per clip: measured faster on CPU than one call with a dense block-diagonal mask
     # (shared/ENVIRONMENT.md: 228 ms vs 955 ms forward at 4096 tokens), and exact.
     bounds = cu_seqlens.tolist()
-    outs = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        qi, ki, vi = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # [1, H, n, d]
-        oi = F.scaled_dot_product_attention(qi, ki, vi, enable_gqa=qi.shape[1] != ki.shape[1])
-        outs.append(oi[0].transpose(0, 1))
-    return torch.cat(outs)
+    return torch.cat([_sdpa(q[a:b], k[a:b], v[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,13 +84,6 @@ def local_attention_mask(cu_seqlens: Tensor, frame: Tensor, window: int) -> Tens
     clip = torch.bucketize(torch.arange(frame.numel()), cu_seqlens.cpu().long()[1:], right=True)
     f = frame.cpu()
     return (clip[:, None] == clip[None, :]) & sees(f[:, None], f[None, :], window)
-
-
-def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """[n, Hq, d] x [m, Hkv, d] -> [n, Hq, d], non-causal, GQA."""
-    qi, ki, vi = (t.transpose(0, 1)[None] for t in (q, k, v))
-    out = F.scaled_dot_product_attention(qi, ki, vi, enable_gqa=qi.shape[1] != ki.shape[1])
-    return out[0].transpose(0, 1)
 
 
 def local_blocks(q: Tensor, k: Tensor, v: Tensor, frame: Tensor, window: int) -> Tensor:
