@@ -11,8 +11,18 @@ import pytest
 import torch
 
 from magi_train.flow import dmd
-from magi_train.tools.toy.distill import DistillConfig, TeacherConfig, ToyMLP, distill, train_teacher
+from magi_train.tools.toy.distill import (
+    DistillConfig,
+    TeacherConfig,
+    ToyMLP,
+    distill,
+    euler_sample,
+    fit_guided,
+    toy_noise,
+    train_teacher,
+)
 from magi_train.tools.toy.gmm import shared_spec
+from magi_train.tools.toy.metrics import evaluate
 from magi_train.tools.toy.study import make_bench, run
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # one_thread: tests/conftest.py
@@ -27,11 +37,15 @@ CONTROLS = {
 
 
 @pytest.fixture(scope="module")
-def toy():
-    """{name: (stats, failed bound names, history)} of the student and the controls at w = 1."""
+def teacher():
     torch.set_num_threads(1)
+    return train_teacher(shared_spec(), TeacherConfig(steps=3000))
+
+
+@pytest.fixture(scope="module")
+def toy(teacher):
+    """{name: (stats, failed bound names, history)} of the student and the controls at w = 1."""
     spec = shared_spec()
-    teacher = train_teacher(spec, TeacherConfig(steps=3000))
     bench = make_bench(spec, teacher, None, num_eval=2000)
     base = DistillConfig(**CI)
     out = {"teacher N-step": (bench.baseline, [], {})}
@@ -41,6 +55,45 @@ def toy():
         out[name] = (stats, [b.name for b in bs if not b.ok], history)
         print(name, {k: round(v, 4) for k, v in stats.items()}, "fails", out[name][1])
     return out
+
+
+GUIDED = {  # w = 3, CI length: CFG inside the real score (DMD2) against a real score fitted to the guided ODE
+    "CFG in the real score": {},
+    "real score fitted to the guided ODE": dict(
+        guided_fit_steps=500, guided_fit_pool=16384, guided_fit_ode_steps=50
+    ),
+    "control: CFG on the fake score": dict(fake_guidance=True),
+}
+
+
+@pytest.fixture(scope="module")
+def guided(teacher):
+    """{name: (stats, failed bound names)} of the w = 3 students of GUIDED."""
+    bench = make_bench(shared_spec(), teacher, 3.0, num_eval=2000)
+    out = {}
+    for name, over in GUIDED.items():
+        stats, bs, _ = run(bench, DistillConfig(**CI, guidance=3.0, **over))
+        out[name] = (stats, [b.name for b in bs if not b.ok])
+        print(name, {k: round(v, 4) for k, v in stats.items()}, "fails", out[name][1])
+    return out
+
+
+def test_guidance_through_a_fitted_real_score_keeps_the_coupling(guided):
+    """docs/dmd2_toy.md "Guidance without CFG in the DMD gradient": CFG inside the real score decouples the audio
+    from the video (the DMD fixed point is not the guided ODE's distribution); the same DMD-2 student distilled
+    from a real score fitted to the guided ODE's samples, without CFG, keeps the coupling at CI length (its
+    distances need the study's length)."""
+    cfg_stats, cfg_fails = guided["CFG in the real score"]
+    fit_stats, fit_fails = guided["real score fitted to the guided ODE"]
+    assert "joint_ratio" in cfg_fails, cfg_stats  # the control fails the coupling bound
+    assert {"joint_ratio", "std_ratio_audio"}.isdisjoint(fit_fails), fit_stats
+    assert fit_stats["joint_ratio"] > cfg_stats["joint_ratio"] + 0.1, (fit_stats, cfg_stats)
+
+
+def test_control_cfg_on_the_fake_score_fails_a_bound(guided):
+    """Guidance applied to the fake score as well (issue 12 item 3), w = 3, CFG inside the real score."""
+    stats, fails = guided["control: CFG on the fake score"]
+    assert fails, f"negative control CFG on the fake score meets every bound: {stats}"
 
 
 def test_student_beats_its_initialisation(toy):
@@ -127,6 +180,54 @@ def test_the_toy_runs_the_library_functions(monkeypatch):
     assert calls["critic_loss"] == calls["simulate_to_step"] == calls["sample_step_index"] == 10
     assert calls["sample_score_sigma"] == 12  # an independent draw for every critic step and DMD step
     assert calls["sample_gan_sigma"] == 12 and calls["diffusion_gan_inputs"] == 10
+
+
+def test_real_score_fitted_to_the_guided_ode(teacher):
+    """fit_guided: flow matching on the guided ODE's samples gives a model whose plain (w = 1) ODE is the guided
+    ODE's distribution; the control is the teacher's own plain ODE, a different distribution."""
+    spec = shared_spec()
+    bench = make_bench(spec, teacher, 3.0, num_eval=2000)
+    fitted, (video, audio), labels = fit_guided(teacher, spec, 3.0, 400, pool=8192, ode_steps=50)
+    assert video.shape == (8192, 2) and audio.shape == (8192, 1) and labels.shape == (8192,)
+    gen = torch.Generator().manual_seed(3)
+    stats = {
+        name: evaluate(
+            spec, euler_sample(model, toy_noise(spec, 2000, gen), bench.labels), bench.labels, bench.reference
+        )
+        for name, model in (("fitted", fitted), ("teacher", teacher))
+    }
+    print(
+        {
+            n: {k: round(v, 4) for k, v in st.items() if k in ("mode_tv", "mmd2_joint")}
+            for n, st in stats.items()
+        }
+    )
+    assert stats["teacher"]["mode_tv"] > 0.2 and stats["fitted"]["mode_tv"] < 0.1, stats
+    assert stats["fitted"]["mmd2_joint"] < 0.2 * stats["teacher"]["mmd2_joint"], stats
+
+
+def test_one_critic_per_step(monkeypatch):
+    """critic_per_step: step k's DMD direction uses the fake score of the critic that learns step k's samples,
+    and there is one such critic for each of the K steps."""
+    used: dict[str, list] = {"critic": [], "fake": []}
+    steps: list[int] = []
+    for name, key, index in (("critic_loss", "critic", 0), ("dmd_generator_loss", "fake", 2)):
+        original = getattr(dmd, name)
+
+        def wrapper(*args, _o=original, _k=key, _i=index, **kwargs):
+            used[_k].append((len(steps) - 1, id(args[_i])))
+            return _o(*args, **kwargs)
+
+        monkeypatch.setattr(dmd, name, wrapper)
+    original_step = dmd.sample_step_index
+    monkeypatch.setattr(dmd, "sample_step_index", lambda *a: steps.append(original_step(*a)) or steps[-1])
+    spec = shared_spec()
+    teacher = ToyMLP(spec.dims, spec.num_classes, hidden=16, depth=2).requires_grad_(False)
+    distill(teacher, spec, DistillConfig(iters=60, batch=8, ttur=1, critic_per_step=True))
+    critic_of_step = {steps[i]: c for i, c in used["critic"]}
+    assert len(set(critic_of_step.values())) == len(critic_of_step) == 8  # one critic per step, all trained
+    assert all(critic_of_step[steps[i]] == c for i, c in used["critic"])
+    assert all(critic_of_step[steps[i]] == c for i, c in used["fake"])  # DMD at step k: critic k's score
 
 
 def test_study_knobs():

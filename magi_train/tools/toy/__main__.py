@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -47,6 +48,16 @@ VARIANTS = {
         "gan_critic_weight": 1.0,
         "iters": 2,
     },
+    # guided runs: the real score is the teacher fitted to its guided ODE (w = 1: no fit, the row above's run)
+    "student, critic on the finished sample + GAN 1, 4x iterations, lr cosine to 0.1": {
+        "critic_samples": "final",
+        "gan_generator_weight": 1.0,
+        "gan_critic_weight": 1.0,
+        "iters": 4,
+        "lr_final": 0.1,
+        "guided_fit_steps": 1000,
+    },
+    "student, one critic per step": {"critic_per_step": True},
     "student, critic on the finished sample + GAN": {
         "critic_samples": "final",
         "gan_generator_weight": 5e-2,
@@ -105,7 +116,8 @@ def plot(samples: dict[str, list[torch.Tensor]], path: Path) -> None:
         c = xs[1][:, 0].clamp(-2, 2).numpy() if len(xs) > 1 else None
         ax.scatter(x[:, 0], x[:, 1], c=c, cmap="coolwarm", vmin=-2, vmax=2, s=0.3, rasterized=True)
         ax.set_xlim(-2.6, 2.6), ax.set_ylim(-2.6, 2.6), ax.set_aspect("equal")
-        ax.set_title(title.replace(": ", ":\n", 1), fontsize=6)
+        head, _, run = title.partition(": ")
+        ax.set_title(head + ":\n" + "\n".join(textwrap.wrap(run, 36)), fontsize=6)
     fig.tight_layout()
     atomic_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)

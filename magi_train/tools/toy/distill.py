@@ -99,6 +99,39 @@ def train_teacher(spec: DataSpec, cfg: TeacherConfig, log_every: int = 0) -> Toy
     return model.requires_grad_(False).eval()
 
 
+def fit_guided(
+    teacher: ToyMLP,
+    spec: DataSpec,
+    guidance: GuidanceSpec,
+    steps: int,
+    pool: int = 65536,
+    ode_steps: int = 100,
+    batch: int = 1024,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> tuple[ToyMLP, Batch, Tensor]:
+    """The teacher fine-tuned by flow matching on `pool` samples of its own guided `ode_steps`-step ODE: a model
+    whose score is the score of the guided distribution noised forward, which CFG's score is not (docs/dmd2.md,
+    Guidance). Returns (model, pool samples, pool labels); label dropout as the teacher's."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    labels = torch.randint(spec.num_classes, (pool,), generator=gen)
+    samples = euler_sample(teacher, toy_noise(spec, pool, gen), labels, ode_steps, guidance)
+    model = copy.deepcopy(teacher).requires_grad_(True).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    for _ in range(steps):
+        idx = torch.randint(pool, (batch,), generator=gen)
+        cond = torch.where(torch.rand(batch, generator=gen) < 0.1, spec.null_class, labels[idx])
+        loss = dmd.critic_loss(
+            model, [x[idx] for x in samples], torch.rand(batch, generator=gen), cond, generator=gen
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.requires_grad_(False).eval(), samples, labels
+
+
 def guided(model: ToyMLP, guidance: GuidanceSpec) -> dmd.ScoreModel:
     """The model as a ScoreModel with CFG inside (u + w (c - u) per modality, null class as uncond)."""
 
@@ -202,6 +235,15 @@ class DistillConfig:
     # what the critic learns: "step" = the x0 of this iteration's step k (DMD2, Self-Forcing: the mixture over
     # steps), "final" = the finished sample of the same chain (dmd.finish_from_step)
     critic_samples: str = "step"
+    # one critic per student step (each learns only its step's x0, so the DMD direction of step k is the
+    # difference of step k's own fake score and the real one); False = one critic for all steps (DMD2)
+    critic_per_step: bool = False
+    # > 0: distil towards the guided distribution without CFG inside the DMD gradient - the real score (and the
+    # student's and critic's start) is the teacher fine-tuned for this many steps on samples of its guided
+    # ODE (`fit_guided`), and the GAN's real samples are those samples. 0 = CFG inside the real score (DMD2)
+    guided_fit_steps: int = 0
+    guided_fit_pool: int = 65536  # guided ODE samples it is fitted on
+    guided_fit_ode_steps: int = 100  # Euler steps of that ODE
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -212,6 +254,11 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.lr_final is a fraction in (0, 1], got {self.lr_final}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"DistillConfig.ema is a decay in [0, 1), got {self.ema}")
+        if self.guided_fit_steps < 0 or self.guided_fit_pool < 1 or self.guided_fit_ode_steps < 1:
+            raise ValueError(
+                "DistillConfig.guided_fit_steps must be >= 0 and guided_fit_pool / guided_fit_ode_steps >= 1, got "
+                f"{self.guided_fit_steps} / {self.guided_fit_pool} / {self.guided_fit_ode_steps}"
+            )
         if self.iters < 0 or self.critic_warmup < 0:
             raise ValueError(f"DistillConfig.iters / critic_warmup must be >= 0, got {self.iters}")
         if self.critic_samples not in ("step", "final"):
@@ -226,6 +273,22 @@ class DistillConfig:
     @property
     def gan(self) -> bool:
         return self.gan_generator_weight > 0 or self.gan_critic_weight > 0
+
+
+def _draw_class(pool: list, labels: Tensor, gen: torch.Generator) -> Batch:
+    """For each label, a random sample of `pool` = (samples, their labels) of that class."""
+    samples, pool_labels = pool
+    out = torch.empty_like(labels)
+    for c in labels.unique().tolist():
+        where = (labels == c).nonzero().squeeze(1)
+        members = (pool_labels == c).nonzero().squeeze(1)
+        out[where] = members[torch.randint(len(members), (len(where),), generator=gen)]
+    return [x[out] for x in samples]
+
+
+def _gan_logits(critic: ToyMLP, head: nn.Linear, x: Batch, sigma: Tensor, labels: Tensor) -> Tensor:
+    """The GAN head on the critic's last hidden layer: one real/fake logit per sample."""
+    return head(critic.features(x, sigma, labels)).squeeze(1)
 
 
 def _cosine(opt: torch.optim.Optimizer, steps: int, final: float) -> torch.optim.lr_scheduler.LambdaLR:
@@ -258,13 +321,26 @@ def distill(
     """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
+    guidance, pool = cfg.guidance, None
+    if cfg.guided_fit_steps > 0 and guidance is not None:
+        teacher, *pool = fit_guided(
+            teacher,
+            spec,
+            guidance,
+            cfg.guided_fit_steps,
+            cfg.guided_fit_pool,
+            cfg.guided_fit_ode_steps,
+            seed=cfg.seed,
+        )
+        guidance = None
     student = copy.deepcopy(teacher).requires_grad_(True).train()
-    critic = copy.deepcopy(teacher).requires_grad_(cfg.train_critic).train()
-    head = nn.Linear(critic.head.in_features, 1) if cfg.gan else None
+    num_critics = cfg.num_steps if cfg.critic_per_step else 1
+    critics = [copy.deepcopy(teacher).requires_grad_(cfg.train_critic).train() for _ in range(num_critics)]
+    heads = [nn.Linear(teacher.head.in_features, 1) for _ in range(num_critics)] if cfg.gan else []
     opt_g = torch.optim.AdamW(
         student.parameters(), cfg.lr_gen, betas=cfg.betas, weight_decay=cfg.weight_decay
     )
-    critic_params = list(critic.parameters()) + (list(head.parameters()) if head is not None else [])
+    critic_params = [p for m in critics + heads for p in m.parameters()]
     opt_c = torch.optim.AdamW(critic_params, cfg.lr_critic, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched_g = _cosine(opt_g, max(1, -(-cfg.iters // cfg.ttur)), cfg.lr_final)
     sched_c = _cosine(opt_c, cfg.iters + cfg.critic_warmup, cfg.lr_final)
@@ -272,18 +348,17 @@ def distill(
     sigmas = dmd.student_sigmas(cfg.num_steps, cfg.student_shift)
     score = dict(low=cfg.score_low, high=cfg.score_high, generator=gen, method=cfg.score_method)
     critic_shift = cfg.score_shift if cfg.critic_shift is None else cfg.critic_shift
-    fake_score = guided(critic, cfg.guidance) if cfg.fake_guidance else critic
     null = spec.null_class
     history: dict[str, list[float]] = {"dmd": [], "critic": [], "g_abs": [], "gan_g": [], "gan_d": []}
     t0 = time.perf_counter()
-
-    def logits(x: Batch, sigma: Tensor, labels: Tensor) -> Tensor:
-        return head(critic.features(x, sigma, labels)).squeeze(1)
 
     for it in range(cfg.iters + cfg.critic_warmup):
         labels = torch.randint(spec.num_classes, (cfg.batch,), generator=gen)
         k = dmd.sample_step_index(cfg.num_steps, dmd.shared_generator(cfg.seed, it))
         k = k if cfg.backward_simulation else 0
+        critic = critics[k if cfg.critic_per_step else 0]
+        head = heads[k if cfg.critic_per_step else 0] if heads else None
+        fake_score = guided(critic, guidance) if cfg.fake_guidance else critic
         x_k = dmd.simulate_to_step(student, toy_noise(spec, cfg.batch, gen), k, sigmas, labels, gen)
         train_it = it - cfg.critic_warmup
         if train_it >= 0 and train_it % cfg.ttur == 0:
@@ -295,7 +370,7 @@ def distill(
                 dmd.sample_score_sigma(cfg.batch, shift=cfg.score_shift, **score),
                 labels,
                 uncond=torch.full_like(labels, null),
-                guidance=cfg.guidance,
+                guidance=guidance,
                 normalizer=cfg.normalizer,
                 weights=cfg.weights,
                 generator=gen,
@@ -308,7 +383,7 @@ def distill(
                 )  # DMD2: no critic grads in this phase
                 s_gan = dmd.sample_gan_sigma(cfg.batch, cfg.gan_sigma_max, gen)
                 x_gan = dmd.noise_batch(x_g, dmd.randn_like_batch(x_g, gen), s_gan)
-                gan_g = dmd.gan_generator_loss(logits(x_gan, s_gan, labels))
+                gan_g = dmd.gan_generator_loss(_gan_logits(critic, head, x_gan, s_gan, labels))
                 loss = loss + cfg.gan_generator_weight * gan_g
                 critic.requires_grad_(cfg.train_critic), head.requires_grad_(True)
                 history["gan_g"].append(gan_g.item())
@@ -335,10 +410,16 @@ def distill(
         else:
             c_loss = dmd.critic_loss(critic, x_fake, s_critic, labels, weights=cfg.weights, generator=gen)
         if head is not None and cfg.gan_critic_weight > 0:
-            real, _ = sample_data(spec, labels, gen)
+            if pool is None:
+                real, _ = sample_data(spec, labels, gen)
+            else:  # guided samples of each label's class
+                real = _draw_class(pool, labels, gen)
             s_gan = dmd.sample_gan_sigma(cfg.batch, cfg.gan_sigma_max, gen)
             x_real, x_fake_t = dmd.diffusion_gan_inputs(real, x_fake, s_gan, gen)
-            gan_d = dmd.gan_discriminator_loss(logits(x_real, s_gan, labels), logits(x_fake_t, s_gan, labels))
+            gan_d = dmd.gan_discriminator_loss(
+                _gan_logits(critic, head, x_real, s_gan, labels),
+                _gan_logits(critic, head, x_fake_t, s_gan, labels),
+            )
             c_loss = c_loss + cfg.gan_critic_weight * gan_d
             history["gan_d"].append(gan_d.item())
         opt_c.zero_grad(set_to_none=True)
