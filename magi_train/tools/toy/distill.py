@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,19 +76,25 @@ class TeacherConfig:
     seed: int = 0
 
 
-def train_teacher(spec: DataSpec, cfg: TeacherConfig, log_every: int = 0) -> ToyMLP:
-    """Flow matching with uniform s and label dropout; Adam with a cosine decay."""
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model = ToyMLP(spec.dims, spec.num_classes, cfg.hidden, cfg.depth)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
-    for step in range(cfg.steps):
-        labels = torch.randint(spec.num_classes, (cfg.batch,), generator=gen)
-        x0, _ = sample_data(spec, labels, gen)
-        drop = torch.rand(cfg.batch, generator=gen) < cfg.label_dropout
+def _flow_match(
+    model: ToyMLP,
+    spec: DataSpec,
+    draw: Callable[[], tuple[Batch, Tensor]],
+    steps: int,
+    lr: float,
+    label_dropout: float,
+    gen: torch.Generator,
+    log_every: int = 0,
+) -> None:
+    """Flow matching of `model` on `draw()` = (x0, labels) batches: uniform s, label dropout to the null class,
+    Adam with a cosine decay (the teacher's training, and the fit to guided samples)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    for step in range(steps):
+        x0, labels = draw()
+        drop = torch.rand(len(labels), generator=gen) < label_dropout
         labels = torch.where(drop, spec.null_class, labels)
-        sigma = torch.rand(cfg.batch, generator=gen)
+        sigma = torch.rand(len(labels), generator=gen)
         # the critic's loss is exactly the flow-matching loss (velocity target eps - x0, per-modality means)
         loss = dmd.critic_loss(model, x0, sigma, labels, generator=gen)
         opt.zero_grad(set_to_none=True)
@@ -95,7 +102,20 @@ def train_teacher(spec: DataSpec, cfg: TeacherConfig, log_every: int = 0) -> Toy
         opt.step()
         sched.step()
         if log_every and step % log_every == 0:
-            print(f"teacher step {step} loss {loss.item():.4f}")
+            print(f"flow matching step {step} loss {loss.item():.4f}")
+
+
+def train_teacher(spec: DataSpec, cfg: TeacherConfig, log_every: int = 0) -> ToyMLP:
+    """Flow matching with uniform s and label dropout; Adam with a cosine decay."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = ToyMLP(spec.dims, spec.num_classes, cfg.hidden, cfg.depth)
+
+    def draw() -> tuple[Batch, Tensor]:
+        labels = torch.randint(spec.num_classes, (cfg.batch,), generator=gen)
+        return sample_data(spec, labels, gen)[0], labels
+
+    _flow_match(model, spec, draw, cfg.steps, cfg.lr, cfg.label_dropout, gen, log_every)
     return model.requires_grad_(False).eval()
 
 
@@ -117,18 +137,12 @@ def fit_guided(
     labels = torch.randint(spec.num_classes, (pool,), generator=gen)
     samples = euler_sample(teacher, toy_noise(spec, pool, gen), labels, ode_steps, guidance)
     model = copy.deepcopy(teacher).requires_grad_(True).train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    for _ in range(steps):
+
+    def draw() -> tuple[Batch, Tensor]:
         idx = torch.randint(pool, (batch,), generator=gen)
-        cond = torch.where(torch.rand(batch, generator=gen) < 0.1, spec.null_class, labels[idx])
-        loss = dmd.critic_loss(
-            model, [x[idx] for x in samples], torch.rand(batch, generator=gen), cond, generator=gen
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        return [x[idx] for x in samples], labels[idx]
+
+    _flow_match(model, spec, draw, steps, lr, TeacherConfig.label_dropout, gen)
     return model.requires_grad_(False).eval(), samples, labels
 
 
