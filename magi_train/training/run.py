@@ -44,7 +44,7 @@ from magi_train.tasks.super_resolution import SuperResolutionTask
 from magi_train.training.data_report import DataReport
 from magi_train.training.resume import find_resume_checkpoint
 from magi_train.training.strategies import parallel_config
-from magi_train.training.trainer import build_trainer, resolve_precision
+from magi_train.training.trainer import build_trainer, finish_wandb, resolve_precision
 from magi_train.utils.fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,12 @@ def fit(
         resolved=ctx.resolved,
         **trainer_options,
     )
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    except BaseException:
+        finish_wandb(trainer, exit_code=1)
+        raise
+    finish_wandb(trainer, exit_code=0)
     return {"global_step": trainer.global_step, "run_dir": str(ctx.run_dir)}
 
 

@@ -53,6 +53,17 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, resolved: dict[str, Any]) ->
     return loggers
 
 
+def finish_wandb(trainer: L.Trainer, exit_code: int) -> None:
+    """Close the W&B runs of `trainer`'s loggers. Lightning's WandbLogger leaves its run open, and the next
+    WandbLogger in the same process (the next job of a Hydra multirun, the next test) would reuse it: its
+    metrics and media would go into the earlier run's directory."""
+    for logger in trainer.loggers:
+        # _experiment: set on the rank that opened a run; reading .experiment would open one to close it
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger._experiment.finish(exit_code=exit_code)
+            logger._experiment = None
+
+
 def check_ema_strategy(ema: EMAConfig | None, strategy: StrategyConfig) -> None:
     """Lightning's EMA callback copies whole parameters: it cannot follow sharded ones, nor save with DeepSpeed.
     Under fsdp2 the task keeps its own EMA on the local shards (tasks/ema.py ShardedEMA) and passes none here."""

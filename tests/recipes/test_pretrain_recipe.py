@@ -163,23 +163,29 @@ def test_resume_is_exact(compose, tmp_path, stop_at, resume_from):
 
 
 def test_wandb_logger_offline(compose, tmp_path):
-    run(
-        compose(
-            [
-                "recipe=pretrain_base",
-                "experiment=smoke",
-                "logger=wandb",
-                f"run_dir={tmp_path}",
-                "trainer.max_steps=6",
-                "trainer.val_check_interval=null",
-                "trainer.enable_progress_bar=false",
-                "data.synthetic.num_clips=16",
-            ]
+    """Each run gets its own offline W&B run, also two in one process (a Hydra multirun, pytest): Lightning
+    leaves its run open, and a second WandbLogger would log into the first run's directory unless it is closed."""
+    import wandb
+
+    for name in ("a", "b"):
+        run(
+            compose(
+                [
+                    "recipe=pretrain_base",
+                    "experiment=smoke",
+                    "logger=wandb",
+                    f"run_dir={tmp_path / name}",
+                    "trainer.max_steps=6",
+                    "trainer.val_check_interval=null",
+                    "trainer.enable_progress_bar=false",
+                    "data.synthetic.num_clips=16",
+                ]
+            )
         )
-    )
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))  # a run `wandb sync` can upload later
-    assert (tmp_path / "metrics.csv").is_file()  # the CSV log is always written too
+        assert wandb.run is None  # closed (training/trainer.py finish_wandb)
+        runs = list((tmp_path / name / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))  # a run `wandb sync` can upload later
+        assert (tmp_path / name / "metrics.csv").is_file()  # the CSV log is always written too
 
 
 def test_sr_smoke_run_learns(compose, tmp_path):
