@@ -122,6 +122,8 @@ def test_critic_on_the_finished_sample_removes_most_of_the_bias(toy):
     stats, fails, _ = toy["critic on the finished sample"]
     base = toy["teacher N-step"][0]
     assert len(fails) + 3 <= len(toy["student"][1]), (fails, toy["student"][1])
+    # what it still fails on the 2-D spec: mass left between modes (tests/toy/test_dmd2_toy_matched.py)
+    assert "mode_tv" in fails, stats
     assert stats["mmd2_joint"] < base["mmd2_joint"] and stats["sw1_joint"] < base["sw1_joint"], stats
 
 

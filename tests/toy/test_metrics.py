@@ -4,7 +4,7 @@ bounds of issue 12 must catch (point masses, a 90/10 split of a class's modes, d
 import pytest
 import torch
 
-from magi_train.tools.toy.gmm import DataSpec, balanced_labels, get_spec, sample_data, shared_spec
+from magi_train.tools.toy.gmm import DataSpec, balanced_labels, get_spec, readout, sample_data, shared_spec
 from magi_train.tools.toy.metrics import bounds, evaluate, failed, mmd2, sliced_w1
 
 N = 1500  # small: MMD^2 is O(N^2) and the CI machine has 2 cores
@@ -103,3 +103,27 @@ def test_distances_to_a_reference():
     assert sliced_w1(a, b) < 0.1 < sliced_w1(a, 1.1 * b)
     x = torch.randn(1000, 1, generator=torch.Generator().manual_seed(2))
     assert abs(sliced_w1(x, x + 0.5) - 0.5) < 1e-6  # exact W1 of a shift in 1-D
+
+
+def test_lifted_spec_carries_the_base_content():
+    """shared-t25: each coordinate on 25 tokens; metrics read the base coordinates back, and what is not content
+    (a model's leftover noise in the directions the data does not occupy) is reported as off_content."""
+    base, spec = shared_spec(), get_spec("shared-t25")
+    assert spec.dims == (50, 25) and spec.base_dims == base.dims == (2, 1)
+    labels = balanced_labels(N, spec.num_classes)
+    xs, mode = sample_data(spec, labels, torch.Generator().manual_seed(0))
+    base_xs, base_mode = sample_data(base, labels, torch.Generator().manual_seed(0))
+    assert torch.equal(mode, base_mode) and all(
+        torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(readout(spec, xs), base_xs, strict=True)
+    )
+    assert torch.equal(xs[0][:, :25], base_xs[0][:, :1].expand(-1, 25))  # coordinate 0 on tokens 0..24
+    ref, _ = sample_data(spec, labels, torch.Generator().manual_seed(1))
+    stats = evaluate(spec, xs, labels, ref)
+    assert stats.pop("off_content_video") < 1e-6 and stats.pop("off_content_audio") < 1e-6  # data: 0
+    assert stats == pytest.approx(evaluate(base, base_xs, labels, readout(spec, ref)), rel=1e-4, abs=1e-6)
+    noisy = [x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2)) for x in xs]
+    assert evaluate(spec, noisy, labels, ref)["off_content_video"] == pytest.approx(
+        0.1 * (24 / 25) ** 0.5, rel=0.05
+    )
+    with pytest.raises(ValueError, match="tokens=0"):
+        DataSpec("bad", base.centres, base.class_weights, tokens=0)

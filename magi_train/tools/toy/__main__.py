@@ -24,7 +24,7 @@ from magi_train.tools.toy.distill import (
     toy_noise,
     train_teacher,
 )
-from magi_train.tools.toy.gmm import SPECS, get_spec
+from magi_train.tools.toy.gmm import SPECS, get_spec, readout
 from magi_train.tools.toy.study import check, make_bench, score
 from magi_train.utils.fileio import atomic_file, atomic_write
 
@@ -58,6 +58,11 @@ VARIANTS = {
         "guided_fit_steps": 1000,
     },
     "student, one critic per step": {"critic_per_step": True},
+    # guided runs of the lifted specs: finished-sample critic, real score fitted to the guided ODE
+    "student, critic on the finished sample, fitted real score": {
+        "critic_samples": "final",
+        "guided_fit_steps": 1000,
+    },
     "student, critic on the finished sample + GAN": {
         "critic_samples": "final",
         "gan_generator_weight": 5e-2,
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
                     )
                     results.setdefault((spec_name, g_name, name), []).append({**row, "fails": len(fails)})
                 if seed == args.seeds[0]:
-                    samples[f"{spec_name} {g_name}: reference ODE"] = bench.reference
+                    samples[f"{spec_name} {g_name}: reference ODE"] = readout(spec, bench.reference)
                 for name in args.runs:
                     cfg = _config(name, guidance, args.iters, seed, args.steps, args.shift)
                     t1 = time.perf_counter()
@@ -182,8 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
                     if seed == args.seeds[0]:
                         gen = torch.Generator().manual_seed(0)
                         noise = toy_noise(spec, args.num_eval, gen)
-                        samples[f"{spec_name} {g_name}: {name}"] = renoise_sample(
-                            student, noise, bench.labels, args.steps, args.shift, gen
+                        samples[f"{spec_name} {g_name}: {name}"] = readout(
+                            spec, renoise_sample(student, noise, bench.labels, args.steps, args.shift, gen)
                         )
     table = format_table(results)
     print(table)

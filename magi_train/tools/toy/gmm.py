@@ -5,7 +5,7 @@ an optional "audio" partner whose centre is a function of the video mode (spec/d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -18,6 +18,11 @@ class DataSpec:
 
     `audio_centres[j]` may repeat across modes (several video modes share one audio centre); the audio
     "modes" of the metrics are the distinct rows. The null class (label `num_classes`) is the CFG branch.
+
+    `tokens` > 1 carries every coordinate by that many identical coordinates of the model's space (`dims`), as
+    the many latent tokens of a clip carry its content: the diffusion noise is independent per coordinate, so the
+    content's signal-to-noise ratio is `tokens` times the base spec's and the matched timestep shift sqrt(tokens)
+    times larger (SD3, arXiv 2403.03206 §5.3.2). Metrics read the base coordinates back (`readout`).
     """
 
     name: str
@@ -26,8 +31,11 @@ class DataSpec:
     std: float = 0.1
     audio_centres: Tensor | None = None  # [M, d_a]: centre of the audio partner of each video mode
     audio_std: float = 0.1
+    tokens: int = 1
 
     def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise ValueError(f"spec {self.name}: tokens={self.tokens} must be >= 1")
         m = self.centres.shape[0]
         if self.centres.dim() != 2 or self.class_weights.dim() != 2 or self.class_weights.shape[1] != m:
             raise ValueError(
@@ -58,10 +66,15 @@ class DataSpec:
         return self.audio_centres is not None
 
     @property
-    def dims(self) -> tuple[int, ...]:
-        """Width of each modality: (d,) or (d, d_a)."""
+    def base_dims(self) -> tuple[int, ...]:
+        """Width of each modality's content: (d,) or (d, d_a)."""
         video = (self.centres.shape[1],)
         return video + ((self.audio_centres.shape[1],) if self.audio_centres is not None else ())
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """Width of each modality in the model's space: base_dims x tokens."""
+        return tuple(d * self.tokens for d in self.base_dims)
 
     @property
     def stds(self) -> tuple[float, ...]:
@@ -109,7 +122,22 @@ def shared_spec() -> DataSpec:
     return DataSpec("shared", centres, weights, 0.12, audio, 0.1)
 
 
-SPECS = {"ring": ring_spec, "shared": shared_spec}
+def lifted(spec: DataSpec, tokens: int) -> DataSpec:
+    """`spec` with every coordinate carried by `tokens` coordinates (DataSpec.tokens)."""
+    return replace(spec, name=f"{spec.name}-t{tokens}", tokens=tokens)
+
+
+def shared_t25_spec() -> DataSpec:
+    """The shared spec on 25 tokens per coordinate (video 50-D, audio 25-D): the spec for which the production
+    shift 5 = sqrt(25) gives the content the noise levels that shift 1 gives the 2-D spec."""
+    return lifted(shared_spec(), 25)
+
+
+def ring_t25_spec() -> DataSpec:
+    return lifted(ring_spec(), 25)
+
+
+SPECS = {"ring": ring_spec, "shared": shared_spec, "shared-t25": shared_t25_spec, "ring-t25": ring_t25_spec}
 
 
 def get_spec(name: str) -> DataSpec:
@@ -130,13 +158,27 @@ def sample_data(
     n = labels.shape[0]
     mode = torch.multinomial(spec.class_weights[labels], 1, generator=generator).squeeze(1)
     video = spec.centres[mode] + spec.std * torch.randn(n, spec.centres.shape[1], generator=generator)
-    if not spec.joint:
-        return [video], mode
-    audio_c = spec.audio_centres[mode]
-    audio = audio_c + spec.audio_std * torch.randn(audio_c.shape, generator=generator)
-    return [video, audio], mode
+    xs = [video]
+    if spec.joint:
+        audio_c = spec.audio_centres[mode]
+        xs.append(audio_c + spec.audio_std * torch.randn(audio_c.shape, generator=generator))
+    return [x.repeat_interleave(spec.tokens, dim=1) for x in xs], mode
+
+
+def readout(spec: DataSpec, xs: list[Tensor]) -> list[Tensor]:
+    """Base coordinates of samples in the model's space: the mean over each coordinate's tokens."""
+    return [x.unflatten(1, (-1, spec.tokens)).mean(2) for x in xs]
+
+
+def off_content(spec: DataSpec, xs: list[Tensor]) -> list[Tensor]:
+    """Per sample, the rms of what is not content (the spread of a coordinate's tokens about their mean): 0 for
+    data; what a model leaves of the noise in the directions the data does not occupy."""
+    return [
+        (x.unflatten(1, (-1, spec.tokens)) - r.unsqueeze(2)).square().mean((1, 2)).sqrt()
+        for x, r in zip(xs, readout(spec, xs), strict=True)
+    ]
 
 
 def video_only(spec: DataSpec) -> DataSpec:
     """The same spec without its audio partner."""
-    return DataSpec(spec.name + "-video", spec.centres, spec.class_weights, spec.std)
+    return DataSpec(spec.name + "-video", spec.centres, spec.class_weights, spec.std, tokens=spec.tokens)

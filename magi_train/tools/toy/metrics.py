@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from magi_train.tools.toy.gmm import DataSpec
+from magi_train.tools.toy.gmm import DataSpec, off_content, readout
 
 BANDWIDTH_FACTORS = (0.5, 2.0, 5.0, 10.0, 20.0)  # x std: 0.05 ... 2 for std 0.1 (spec/dmd2.md §9)
 INSIDE = 4.0  # a sample belongs to a mode within 4 std of its centre (outside: an extra bin)
@@ -124,8 +124,13 @@ def evaluate(
     the same labels, e.g. the guided teacher's ODE) also the distances and the ratios to it. A diverged run
     (non-finite or |x| > 1e3) gets inf distances."""
     samples = [s.detach() for s in samples]
-    centres = spec.mode_centres()
     out: dict[str, float] = {}
+    if spec.tokens > 1:  # the content of a lifted spec, and the rms of what is not content (0 for data)
+        for name, off in zip(MODALITIES, off_content(spec, samples), strict=False):
+            out[f"off_content_{name}"] = float(off.mean())
+        samples = readout(spec, samples)
+        reference = None if reference is None else readout(spec, [r.detach() for r in reference])
+    centres = spec.mode_centres()
     video_mode, _, _ = assign(samples[0], spec.centres, spec.std)
     out["class_acc"] = float((spec.class_weights[labels, video_mode] > 0).double().mean())
     for name, x, c, std in zip(MODALITIES, samples, centres, spec.stds, strict=False):
