@@ -129,7 +129,7 @@ def evaluate(
         for name, off in zip(MODALITIES, off_content(spec, samples), strict=False):
             out[f"off_content_{name}"] = float(off.mean())
         samples = readout(spec, samples)
-        reference = None if reference is None else readout(spec, [r.detach() for r in reference])
+        reference = None if reference is None else readout(spec, reference)
     centres = spec.mode_centres()
     video_mode, _, _ = assign(samples[0], spec.centres, spec.std)
     out["class_acc"] = float((spec.class_weights[labels, video_mode] > 0).double().mean())
