@@ -44,7 +44,12 @@ from magi_train.tasks.super_resolution import SuperResolutionTask
 from magi_train.training.data_report import DataReport
 from magi_train.training.resume import find_resume_checkpoint
 from magi_train.training.strategies import parallel_config
-from magi_train.training.trainer import build_trainer, finish_wandb, resolve_precision
+from magi_train.training.trainer import (
+    build_trainer,
+    destroy_process_group_at_exit,
+    finish_wandb,
+    resolve_precision,
+)
 from magi_train.utils.fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -180,6 +185,8 @@ def fit(
     except BaseException:
         finish_wandb(trainer, exit_code=1)
         raise
+    finally:
+        destroy_process_group_at_exit()  # the strategy's setup made it; gloo's must not outlive the interpreter
     finish_wandb(trainer, exit_code=0)
     return {"global_step": trainer.global_step, "run_dir": str(ctx.run_dir)}
 

@@ -3,11 +3,13 @@ checkpoints (with the run's config inside), EMA and gradient clipping."""
 
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -62,6 +64,27 @@ def finish_wandb(trainer: L.Trainer, exit_code: int) -> None:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger._experiment.finish(exit_code=exit_code)
             logger._experiment = None
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, while it is still alive. Lightning does this
+    for NCCL only (fabric/utilities/distributed.py); a gloo group left to interpreter finalization can abort the
+    process after a finished run ("terminate called without an active exception", SIGABRT: its worker threads
+    still hold tensors, pytorch/pytorch#179291). Registered once per process, and a no-op if the run's code or a
+    later job already destroyed the group."""
+    global _exit_hook
+    if _exit_hook or not (dist.is_available() and dist.is_initialized()):
+        return
+    _exit_hook = True
+    atexit.register(_destroy_process_group)
+
+
+_exit_hook = False
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check_ema_strategy(ema: EMAConfig | None, strategy: StrategyConfig) -> None:

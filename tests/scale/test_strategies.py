@@ -2,6 +2,8 @@
 resume picks the newest checkpoint; evaluation passes are even across ranks; consolidation of every format."""
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -265,3 +267,20 @@ def test_consolidate_fsdp_sharded_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="none of the known kinds"):
         source_kind(tmp_path / "empty")
+
+
+def test_a_gloo_process_group_is_destroyed_before_the_interpreter_exits(tmp_path):
+    # Lightning destroys only NCCL groups at exit; a gloo one left to finalization could abort a finished run
+    # (CI: "terminate called without an active exception" after `max_steps` reached). The checker is registered
+    # first, so atexit runs it after the hook under test.
+    script = f"""
+import atexit, torch.distributed as dist
+from magi_train.training.trainer import destroy_process_group_at_exit
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized()))
+dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
+destroy_process_group_at_exit()
+destroy_process_group_at_exit()  # once per process
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "initialized at exit: False" in out.stdout, out.stdout + out.stderr
