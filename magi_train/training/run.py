@@ -186,7 +186,7 @@ def fit(
         finish_wandb(trainer, exit_code=1)
         raise
     finally:
-        destroy_process_group_at_exit()  # the strategy's setup made it; gloo's must not outlive the interpreter
+        destroy_process_group_at_exit()  # the strategy's setup made the group
     finish_wandb(trainer, exit_code=0)
     return {"global_step": trainer.global_step, "run_dir": str(ctx.run_dir)}
 

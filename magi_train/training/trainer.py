@@ -67,11 +67,9 @@ def finish_wandb(trainer: L.Trainer, exit_code: int) -> None:
 
 
 def destroy_process_group_at_exit() -> None:
-    """Destroy the default process group when the interpreter exits, while it is still alive. Lightning does this
-    for NCCL only (fabric/utilities/distributed.py); a gloo group left to interpreter finalization can abort the
-    process after a finished run ("terminate called without an active exception", SIGABRT: its worker threads
-    still hold tensors, pytorch/pytorch#179291). Registered once per process, and a no-op if the run's code or a
-    later job already destroyed the group."""
+    """Destroy the process groups when the interpreter exits, while it is still alive, as Lightning does for NCCL
+    only (fabric/utilities/distributed.py): otherwise a gloo group is torn down with the interpreter
+    (pytorch/pytorch#179291). Registered once per process; a no-op if the group is already destroyed."""
     global _exit_hook
     if _exit_hook or not (dist.is_available() and dist.is_initialized()):
         return

@@ -270,9 +270,8 @@ def test_consolidate_fsdp_sharded_checkpoint(tmp_path):
 
 
 def test_a_gloo_process_group_is_destroyed_before_the_interpreter_exits(tmp_path):
-    # Lightning destroys only NCCL groups at exit; a gloo one left to finalization could abort a finished run
-    # (CI: "terminate called without an active exception" after `max_steps` reached). The checker is registered
-    # first, so atexit runs it after the hook under test.
+    # Lightning destroys only NCCL groups at exit (training/trainer.py destroy_process_group_at_exit). The checker
+    # is registered first, so atexit runs it after the hook under test.
     script = f"""
 import atexit, torch.distributed as dist
 from magi_train.training.trainer import destroy_process_group_at_exit
