@@ -70,14 +70,9 @@ def destroy_process_group_at_exit() -> None:
     """Destroy the process groups when the interpreter exits, while it is still alive, as Lightning does for NCCL
     only (fabric/utilities/distributed.py): otherwise a gloo group is torn down with the interpreter
     (pytorch/pytorch#179291). Registered once per process; a no-op if the group is already destroyed."""
-    global _exit_hook
-    if _exit_hook or not (dist.is_available() and dist.is_initialized()):
-        return
-    _exit_hook = True
-    atexit.register(_destroy_process_group)
-
-
-_exit_hook = False
+    if dist.is_available() and dist.is_initialized():
+        atexit.unregister(_destroy_process_group)  # one registration, however many runs the process makes
+        atexit.register(_destroy_process_group)
 
 
 def _destroy_process_group() -> None:

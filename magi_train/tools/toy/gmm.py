@@ -177,8 +177,3 @@ def off_content(spec: DataSpec, xs: list[Tensor]) -> list[Tensor]:
         (x.unflatten(1, (-1, spec.tokens)) - r.unsqueeze(2)).square().mean((1, 2)).sqrt()
         for x, r in zip(xs, readout(spec, xs), strict=True)
     ]
-
-
-def video_only(spec: DataSpec) -> DataSpec:
-    """The same spec without its audio partner."""
-    return DataSpec(spec.name + "-video", spec.centres, spec.class_weights, spec.std, tokens=spec.tokens)
