@@ -232,6 +232,26 @@ def test_one_critic_per_step(monkeypatch):
     assert all(critic_of_step[steps[i]] == c for i, c in used["fake"])  # DMD at step k: critic k's score
 
 
+def test_critic_restarts_from_the_real_score(monkeypatch):
+    """critic_reset = N: the critic that takes iteration N's step is the teacher again (fresh AdamW moments),
+    the one of iteration N - 1 is not."""
+    seen: list[dict[str, torch.Tensor]] = []
+    original = dmd.critic_loss
+
+    def wrapper(critic, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in critic.state_dict().items()})
+        return original(critic, *args, **kwargs)
+
+    monkeypatch.setattr(dmd, "critic_loss", wrapper)
+    spec = shared_spec()
+    teacher = ToyMLP(spec.dims, spec.num_classes, hidden=16, depth=2).requires_grad_(False)
+    distill(teacher, spec, DistillConfig(iters=12, batch=8, ttur=1, critic_reset=5, critic_samples="final"))
+    same = [all(torch.equal(v, teacher.state_dict()[k]) for k, v in s.items()) for s in seen]
+    assert same == [i % 5 == 0 for i in range(12)], same
+    with pytest.raises(ValueError, match="critic_reset"):
+        DistillConfig(critic_reset=-1)
+
+
 def test_study_knobs():
     """The study command trains the student it scores (its step count and shift), and the lr decay ends where
     it says."""

@@ -12,16 +12,36 @@ from magi_train.tools.toy.study import make_bench, run
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # one_thread: tests/conftest.py
 
+FINAL = dict(batch=256, critic_samples="final")
+# docs/dmd2_toy.md "The spread at CI length": the generator moves more, the critic restarts from the teacher
+MOVING = dict(FINAL, iters=4000, lr_gen=2e-3, ttur=2, lr_final=0.05, critic_reset=1000)
+
 
 @pytest.fixture(scope="module")
-def matched():
-    """(stats, failed bound names) of the finished-sample critic's student at w = 1, CI length."""
+def bench():
     spec = get_spec("shared-t25")
-    bench = make_bench(spec, train_teacher(spec, TeacherConfig(steps=3000)), None, num_eval=2000)
-    stats, bs, _ = run(bench, DistillConfig(iters=2000, batch=256, critic_samples="final"))
+    return make_bench(spec, train_teacher(spec, TeacherConfig(steps=3000)), None, num_eval=2000)
+
+
+def _student(bench, **config):
+    """(stats, failed bound names) of a w = 1 student on the bench."""
+    stats, bs, _ = run(bench, DistillConfig(**config))
     fails = [b.name for b in bs if not b.ok]
-    print("shared-t25", {k: round(v, 4) for k, v in stats.items()}, "fails", fails)
+    print("shared-t25", config, {k: round(v, 4) for k, v in stats.items()}, "fails", fails)
     return stats, fails
+
+
+@pytest.fixture(scope="module")
+def matched(bench):
+    """The finished-sample critic's student at CI length (2000 iterations)."""
+    return _student(bench, iters=2000, **FINAL)
+
+
+@pytest.fixture(scope="module")
+def moving(bench):
+    """The same with the generator at lr 2e-3 every second iteration, decayed, the critic restarted every 1000
+    iterations, 4000 iterations."""
+    return _student(bench, **MOVING)
 
 
 def test_the_matched_spec_leaves_no_mass_between_modes(matched):
@@ -30,10 +50,21 @@ def test_the_matched_spec_leaves_no_mass_between_modes(matched):
     assert stats["mode_tv"] <= 0.1 and stats["joint_ratio"] >= 0.9, stats
 
 
+def test_a_moving_generator_with_a_restarted_critic_widens_the_modes(bench, matched, moving):
+    """The plain run's spread stays at its initialisation's (the teacher's 8-step sampler); the moving
+    generator's grows past it while the mode weights, the coupling and the distances hold."""
+    start = bench.baseline["std_ratio_video"]
+    stats, fails = moving
+    assert set(fails) <= {"std_ratio_video"}, (fails, stats)
+    assert stats["mode_tv"] <= 0.1 and stats["joint_ratio"] >= 0.9, stats
+    assert stats["std_ratio_video"] >= start + 0.03, (stats["std_ratio_video"], start)
+    assert matched[0]["std_ratio_video"] < start + 0.03, (matched[0]["std_ratio_video"], start)  # the control
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 12: on shared-t25 at CI length the within-mode spread (std_ratio_video) is below 0.7; "
-    "docs/dmd2_toy.md",
+    reason="issue 12: on shared-t25 the within-mode spread (std_ratio_video) of the closest setting is below 0.7 "
+    "on this seed (6 of 8 seeds meet every bound); docs/dmd2_toy.md",
 )
-def test_student_meets_every_bound_on_the_matched_spec(matched):
-    assert matched[1] == []
+def test_student_meets_every_bound_on_the_matched_spec(moving):
+    assert moving[1] == []

@@ -252,6 +252,9 @@ class DistillConfig:
     # one critic per student step (each learns only its step's x0, so the DMD direction of step k is the
     # difference of step k's own fake score and the real one); False = one critic for all steps (DMD2)
     critic_per_step: bool = False
+    # > 0: every this many iterations the critic restarts from the real score (the teacher or its guided fit) with
+    # fresh AdamW moments; its lr schedule and a GAN head carry on. 0 = never (DMD2)
+    critic_reset: int = 0
     # > 0: distil towards the guided distribution without CFG inside the DMD gradient - the real score (and the
     # student's and critic's start) is the teacher fine-tuned for this many steps on samples of its guided
     # ODE (`fit_guided`), and the GAN's real samples are those samples. 0 = CFG inside the real score (DMD2)
@@ -273,8 +276,11 @@ class DistillConfig:
                 "DistillConfig.guided_fit_steps must be >= 0 and guided_fit_pool / guided_fit_ode_steps >= 1, got "
                 f"{self.guided_fit_steps} / {self.guided_fit_pool} / {self.guided_fit_ode_steps}"
             )
-        if self.iters < 0 or self.critic_warmup < 0:
-            raise ValueError(f"DistillConfig.iters / critic_warmup must be >= 0, got {self.iters}")
+        if self.iters < 0 or self.critic_warmup < 0 or self.critic_reset < 0:
+            raise ValueError(
+                "DistillConfig.iters / critic_warmup / critic_reset must be >= 0, got "
+                f"{self.iters} / {self.critic_warmup} / {self.critic_reset}"
+            )
         if self.critic_samples not in ("step", "final"):
             raise ValueError(
                 f"DistillConfig.critic_samples must be 'step' or 'final', got {self.critic_samples!r}"
@@ -367,6 +373,10 @@ def distill(
     t0 = time.perf_counter()
 
     for it in range(cfg.iters + cfg.critic_warmup):
+        if cfg.critic_reset and it > 0 and it % cfg.critic_reset == 0:
+            for c in critics:
+                c.load_state_dict(teacher.state_dict())
+            opt_c.state.clear()
         labels = torch.randint(spec.num_classes, (cfg.batch,), generator=gen)
         k = dmd.sample_step_index(cfg.num_steps, dmd.shared_generator(cfg.seed, it))
         k = k if cfg.backward_simulation else 0
