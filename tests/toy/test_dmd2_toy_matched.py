@@ -6,15 +6,15 @@ remains at CI length is the within-mode spread. Its own module so that it runs b
 
 import pytest
 
+from magi_train.tools.toy.__main__ import RESTARTED
 from magi_train.tools.toy.distill import DistillConfig, TeacherConfig, train_teacher
 from magi_train.tools.toy.gmm import get_spec
 from magi_train.tools.toy.study import make_bench, run
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # one_thread: tests/conftest.py
 
+CI_ITERS = 2000
 FINAL = dict(batch=256, critic_samples="final")
-# docs/dmd2_toy.md "The spread at CI length": the generator moves more, the critic restarts from the teacher
-MOVING = dict(FINAL, iters=4000, lr_gen=2e-3, ttur=2, lr_final=0.05, critic_reset=1000)
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +34,15 @@ def _student(bench, **config):
 @pytest.fixture(scope="module")
 def matched(bench):
     """The finished-sample critic's student at CI length (2000 iterations)."""
-    return _student(bench, iters=2000, **FINAL)
+    return _student(bench, iters=CI_ITERS, **FINAL)
 
 
 @pytest.fixture(scope="module")
 def moving(bench):
-    """The same with the generator at lr 2e-3 every second iteration, decayed, the critic restarted every 1000
-    iterations, 4000 iterations."""
-    return _student(bench, **MOVING)
+    """The study's row (docs/dmd2_toy.md "The spread at CI length"): the generator at lr 2e-3 every second
+    iteration, decayed, the critic restarted from the teacher every 1000 iterations, 2x CI length (the row's
+    iters is a multiplier, as in the study command)."""
+    return _student(bench, **{**RESTARTED, "iters": RESTARTED["iters"] * CI_ITERS})
 
 
 def test_the_matched_spec_leaves_no_mass_between_modes(matched):

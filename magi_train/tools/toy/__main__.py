@@ -29,6 +29,12 @@ from magi_train.tools.toy.study import check, make_bench, score
 from magi_train.utils.fileio import atomic_file, atomic_write
 
 GUIDANCE = {"w1": None, "w3": 3.0, "prod": Guidance()}  # prod = the recipe's default: video 5 / 2, audio 5
+# fourth study, shared-t25 at CI length: the generator moves more (lr 2e-3 against the critic's 3e-4, an update
+# every second iteration), decayed so that the mode weights settle
+MOVING = {"critic_samples": "final", "lr_gen": 2e-3, "ttur": 2, "lr_final": 0.05, "batch": 256}
+# the same at 2x iterations with the critic restarted from the teacher every 1000 iterations: a fresh critic
+# forgets the history that drifts the mode weights (docs/dmd2_toy.md, the spread at CI length)
+RESTARTED = {**MOVING, "critic_reset": 1000, "iters": 2}
 # study rows: name -> DistillConfig overrides (on top of the production defaults and --iters)
 VARIANTS = {
     "student": {},
@@ -57,27 +63,9 @@ VARIANTS = {
         "lr_final": 0.1,
         "guided_fit_steps": 1000,
     },
-    # fourth study, shared-t25 at CI length: the generator moves more (lr 2e-3 against the critic's 3e-4, an
-    # update every second iteration), decayed so that the mode weights settle
-    "student, critic on the finished sample, generator lr 2e-3, TTUR 2, lr cosine to 0.05, batch 256": {
-        "critic_samples": "final",
-        "lr_gen": 2e-3,
-        "ttur": 2,
-        "lr_final": 0.05,
-        "batch": 256,
-    },
-    # the same at 2x iterations with the critic restarted from the teacher every 1000 iterations: a fresh critic
-    # forgets the history that drifts the mode weights (docs/dmd2_toy.md, the spread at CI length)
+    "student, critic on the finished sample, generator lr 2e-3, TTUR 2, lr cosine to 0.05, batch 256": MOVING,
     "student, critic on the finished sample, generator lr 2e-3, TTUR 2, lr cosine to 0.05, critic restarted "
-    "every 1000, 2x iterations, batch 256": {
-        "critic_samples": "final",
-        "lr_gen": 2e-3,
-        "ttur": 2,
-        "lr_final": 0.05,
-        "critic_reset": 1000,
-        "iters": 2,
-        "batch": 256,
-    },
+    "every 1000, 2x iterations, batch 256": RESTARTED,
     "student, one critic per step": {"critic_per_step": True},
     # guided runs of the lifted specs: finished-sample critic, real score fitted to the guided ODE
     "student, critic on the finished sample, fitted real score": {
